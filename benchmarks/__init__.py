@@ -1,0 +1,1 @@
+"""Throughput benchmarks (clips/s per GPU); run with `python -m benchmarks.run`."""

@@ -1,0 +1,1 @@
+"""Clip loaders behind one batch contract (DALI, PyAV, synthetic)."""

@@ -1,0 +1,1 @@
+"""Shard packing tools: make_shards (WebDataset tars + DALI indices)."""

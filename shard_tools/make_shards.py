@@ -1,0 +1,333 @@
+"""Pack Kinetics, UCF101, HMDB51 or any folder of videos into WebDataset shards.
+
+    python shard_tools/make_shards.py SRC OUT [options]
+    python -m shard_tools.make_shards SRC OUT [options]
+
+Every input video is transcoded in a worker process to a constant frame rate,
+a fixed short side and closed GOPs (or copied as it is with ``--codec copy``)
+and written with ``webdataset.TarWriter`` as one sample of ``OUT/{prefix}-NNNNNN.tar``:
+
+=============  ==============================================================
+``KEY.mp4``    the video (``KEY.webm`` for VP9; copy keeps mp4/webm/mkv)
+``KEY.json``   label, label_name, source, num_frames, fps, width, height,
+               codec, duration, key, index
+``KEY.cls``    the label as ASCII (-1: unlabeled)
+``KEY.nframes`` int32 little-endian: the exact number of decodable frames
+``KEY.ids``    int64 little-endian ``[index, label]``: the video's position
+               in manifest order and its label, readable by DALI as numbers
+=============  ==============================================================
+
+Beside each tar a DALI index ``.idx`` (the format of DALI's ``wds2idx``); in
+OUT ``manifest.json``, ``classes.txt`` and ``failed.jsonl`` (one line per input
+that was not packed, with the reason). Exit code 0: all packed, 3: some
+failed, 2: usage error.
+
+A shard is written as ``*.tmp`` and renamed when complete; a small state file
+(``OUT/.make_shards_state.json``) records complete shards and the failures that
+belong to them, so ``--resume`` after a killed run keeps the complete shards
+and redoes the rest, with no sample missing or duplicated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import re
+import struct
+import sys
+from dataclasses import asdict
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import webdataset as wds
+from tqdm import tqdm
+
+from shard_tools.sources import Sample, UsageError, discover
+from shard_tools.transcode import BadVideo, EncodeSettings, transcode
+from shard_tools.wds_index import write_index
+
+STATE_FILE = ".make_shards_state.json"
+EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 3
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (try 1GB, 500MB, 2GiB)")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index((m.group(2) or " ").upper()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="make_shards", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="folder with the videos")
+    p.add_argument("out", metavar="OUT", help="output folder for the shards")
+    p.add_argument("--layout", choices=["auto", "kinetics", "folders", "csv"], default="auto")
+    p.add_argument("--annotations", help="Kinetics annotation CSV, or a path,label CSV")
+    p.add_argument("--split-file", action="append", default=None,
+                   help="UCF101 trainlist/testlist or HMDB51 *_test_splitN.txt (a file, glob or folder; repeatable)")
+    p.add_argument("--split", choices=["train", "val", "test"],
+                   help="which split to take from --split-file (HMDB51) or the Kinetics CSV's split column")
+    p.add_argument("--fps", type=float, default=None, help="constant output frame rate (default 30)")
+    p.add_argument("--short-side", type=int, default=None, help="output short side, aspect kept (default 256; 0 keeps)")
+    p.add_argument("--codec", choices=["h264", "vp9", "copy"], default="h264",
+                   help="vp9 shards decode on DALI's CPU decoder; copy keeps the stream as it is")
+    p.add_argument("--gop", type=int, default=16, help="closed GOP: a keyframe every N frames")
+    p.add_argument("--crf", type=int, default=None, help="quality (default: h264 23, vp9 32)")
+    p.add_argument("--preset", default="veryfast", help="x264 preset")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, default=None)
+    size.add_argument("--shard-size", type=parse_size, default=None, help="bytes per shard, e.g. 1GB (the default)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores; 0: in-process)")
+    p.add_argument("--prefix", default="train")
+    p.add_argument("--resume", action="store_true", help="keep complete shards of a killed run and do the rest")
+    p.add_argument("--min-frames", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="shuffles samples across shards")
+    p.add_argument("--unlabeled", action="store_true", help="ignore labels: every sample gets label -1")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _work(task: tuple[Sample, EncodeSettings]):
+    sample, settings = task
+    if sample.path is None:
+        return sample, None, None, "missing: no such video file under SRC"
+    try:
+        data, meta = transcode(sample.path, settings)
+        return sample, data, meta, None
+    except BadVideo as e:
+        return sample, None, None, str(e)
+    except Exception as e:  # anything unexpected is reported, never fatal to the run
+        return sample, None, None, f"unexpected error: {type(e).__name__}: {e}"
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def brace_pattern(prefix: str, count: int) -> str:
+    if count == 1:
+        return f"{prefix}-000000.tar"
+    return f"{prefix}-{{000000..{count - 1:06d}}}.tar"
+
+
+class ShardSet:
+    """Writes samples into numbered shards and commits each atomically."""
+
+    def __init__(self, out: str, prefix: str, state: dict, max_count: int | None, max_bytes: int | None):
+        self.out, self.prefix, self.state = out, prefix, state
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.writer = None
+        self.keys: list[str] = []
+        self.bytes = 0
+        self.pending_failed: list[dict] = []
+        self.next_index = sum(s["num_samples"] for s in state["shards"])
+
+    def _name(self, number: int) -> str:
+        return f"{self.prefix}-{number:06d}"
+
+    def _open(self):
+        name = self._name(len(self.state["shards"]))
+        self.tmp_tar = os.path.join(self.out, name + ".tar.tmp")
+        self.writer = wds.TarWriter(self.tmp_tar, encoder=False)
+        self.keys, self.bytes, self.first_index = [], 0, self.next_index
+
+    def add(self, sample: Sample, data: bytes, meta: dict) -> None:
+        if self.writer is not None and (
+            (self.max_count and len(self.keys) >= self.max_count)
+            or (self.max_bytes and self.bytes + len(data) > self.max_bytes)
+        ):
+            self.commit()
+        if self.writer is None:
+            self._open()
+        index = self.next_index
+        info = {"label": sample.label, "label_name": sample.label_name, "source": sample.source,
+                "num_frames": meta["num_frames"], "fps": meta["fps"], "width": meta["width"],
+                "height": meta["height"], "codec": meta["codec"], "duration": meta["duration"],
+                "key": sample.key, "index": index}
+        self.bytes += self.writer.write({
+            "__key__": sample.key,
+            meta["ext"]: data,
+            "json": json.dumps(info, ensure_ascii=False).encode("utf-8"),
+            "cls": str(sample.label).encode("ascii"),
+            "nframes": struct.pack("<i", meta["num_frames"]),
+            "ids": struct.pack("<qq", index, sample.label),
+        })
+        self.keys.append(sample.key)
+        self.next_index += 1
+
+    def fail(self, sample: Sample, reason: str) -> None:
+        self.pending_failed.append({"source": sample.source, "reason": reason, "key": sample.key})
+
+    def commit(self) -> None:
+        """Close the open shard (if any), rename it into place, record it."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            name = self._name(len(self.state["shards"]))
+            tar = os.path.join(self.out, name + ".tar")
+            idx = os.path.join(self.out, name + ".idx")
+            write_index(self.tmp_tar, idx + ".tmp")
+            os.replace(idx + ".tmp", idx)
+            os.replace(self.tmp_tar, tar)
+            self.state["shards"].append({"path": name + ".tar", "num_samples": len(self.keys),
+                                         "first_index": self.first_index, "keys": self.keys})
+        self.state["failed"].extend(self.pending_failed)
+        self.pending_failed = []
+        save_state(self.out, self.state)
+
+
+def save_state(out: str, state: dict) -> None:
+    _atomic_write(os.path.join(out, STATE_FILE), json.dumps(state))
+    _atomic_write(os.path.join(out, "failed.jsonl"),
+                  "".join(json.dumps({"source": f["source"], "reason": f["reason"]}, ensure_ascii=False) + "\n"
+                          for f in state["failed"]))
+
+
+def _our_files(out: str, prefix: str) -> list[str]:
+    pat = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.(tar|idx)(\.tmp)?$")
+    return sorted(f for f in os.listdir(out) if pat.match(f))
+
+
+def prepare_out(out: str, prefix: str, run_config: dict, resume: bool) -> dict:
+    """Create OUT, or on --resume load its state and remove incomplete files."""
+    os.makedirs(out, exist_ok=True)
+    state_path = os.path.join(out, STATE_FILE)
+    if not resume:
+        if os.path.exists(state_path) or _our_files(out, prefix):
+            raise UsageError(f"{out} already holds shards from an earlier run: add --resume to continue it, "
+                             "or choose an empty folder")
+        return {"version": 1, "config": run_config, "shards": [], "failed": [], "complete": False}
+    if not os.path.exists(state_path):
+        for f in _our_files(out, prefix):  # a run killed before its first shard
+            os.remove(os.path.join(out, f))
+        return {"version": 1, "config": run_config, "shards": [], "failed": [], "complete": False}
+    with open(state_path, encoding="utf-8") as f:
+        state = json.load(f)
+    if state["config"] != run_config:
+        changed = sorted(k for k in set(state["config"]) | set(run_config)
+                         if state["config"].get(k) != run_config.get(k))
+        raise UsageError(f"--resume with different settings than the run in {out} ({', '.join(changed)})")
+    keep = {s["path"] for s in state["shards"]} | {s["path"][:-4] + ".idx" for s in state["shards"]}
+    for f in _our_files(out, prefix):
+        if f not in keep:
+            os.remove(os.path.join(out, f))
+    for f in os.listdir(out):
+        if f.endswith(".tmp"):
+            os.remove(os.path.join(out, f))
+    return state
+
+
+def write_outputs(out: str, prefix: str, state: dict, classes: list[str], settings: dict) -> None:
+    shards = [{"path": s["path"], "num_samples": s["num_samples"], "first_index": s["first_index"]}
+              for s in state["shards"]]
+    manifest = {
+        "shards": shards,
+        "total_samples": sum(s["num_samples"] for s in shards),
+        "classes": classes,
+        "settings": settings,
+        "pattern": brace_pattern(prefix, len(shards)) if shards else None,
+        "failed": len(state["failed"]),
+    }
+    _atomic_write(os.path.join(out, "classes.txt"), "".join(c + "\n" for c in classes))
+    _atomic_write(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1, ensure_ascii=False))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.codec == "copy" and (args.fps is not None or args.short_side is not None):
+        raise UsageError("--codec copy keeps the stream as it is: it cannot honour --fps or --short-side")
+    for name in ("gop", "min_frames", "samples_per_shard", "shard_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.fps is not None and args.fps <= 0:
+        raise UsageError("--fps must be positive")
+    workers = _cores() if args.workers is None else args.workers
+    copy = args.codec == "copy"
+    settings = EncodeSettings(
+        codec=args.codec,
+        fps=None if copy else (args.fps or 30.0),
+        short_side=None if copy else (256 if args.short_side is None else args.short_side),
+        gop=args.gop, crf=args.crf, preset=args.preset,
+        threads=max(1, _cores() // max(1, workers)), min_frames=args.min_frames)
+    layout, samples, classes = discover(args.src, args.layout, args.annotations, args.split_file, args.split)
+    if args.unlabeled:
+        samples = [Sample(s.key, s.source, s.path, -1, "") for s in samples]
+        classes = []
+    if not samples:
+        raise UsageError(f"no videos found under {args.src} (layout {layout})")
+    recorded = {k: v for k, v in settings.as_dict().items() if k != "threads"}
+    max_bytes = args.shard_size or (None if args.samples_per_shard else parse_size("1GB"))
+    run_config = {**recorded, "layout": layout, "src": os.path.abspath(args.src), "seed": args.seed,
+                  "samples_per_shard": args.samples_per_shard, "shard_size": max_bytes,
+                  "annotations": args.annotations, "split": args.split, "split_file": args.split_file,
+                  "unlabeled": args.unlabeled, "prefix": args.prefix}
+    state = prepare_out(args.out, args.prefix, run_config, args.resume)
+
+    order = sorted(samples, key=lambda s: s.key)
+    random.Random(args.seed).shuffle(order)
+    done = {k for s in state["shards"] for k in s["keys"]} | {f["key"] for f in state["failed"]}
+    todo = [s for s in order if s.key not in done]
+    shards = ShardSet(args.out, args.prefix, state, args.samples_per_shard, max_bytes)
+    failed_before = len(state["failed"])
+    bar = tqdm(total=len(todo), unit="video", disable=args.quiet, dynamic_ncols=True, mininterval=0.5)
+    tasks = [(s, settings) for s in todo]
+    if workers == 0:
+        results = map(_work, tasks)
+        pool = None
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        results = pool.imap(_work, tasks, chunksize=1)
+    try:
+        for sample, data, meta, reason in results:
+            if reason is None:
+                shards.add(sample, data, meta)
+            else:
+                shards.fail(sample, reason)
+                bar.write(f"failed: {sample.source}: {reason}", file=sys.stderr)
+            bar.update(1)
+            bar.set_postfix(failed=len(shards.pending_failed) + len(state["failed"]) - failed_before)
+        shards.commit()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    state["complete"] = True
+    save_state(args.out, state)
+    manifest_settings = {**recorded, "layout": layout, "seed": args.seed, "prefix": args.prefix}
+    write_outputs(args.out, args.prefix, state, classes, manifest_settings)
+    packed = sum(s["num_samples"] for s in state["shards"])
+    failed = len(state["failed"])
+    print(f"{packed} packed, {failed} failed (see {os.path.join(args.out, 'failed.jsonl')})")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

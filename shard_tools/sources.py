@@ -1,0 +1,208 @@
+"""Find the videos to pack and their labels, for each dataset layout.
+
+Layouts:
+
+* ``kinetics``: the official Kinetics annotation CSV
+  (``label,youtube_id,time_start,time_end,split[,is_cc]``; the test CSV has no
+  ``label``), videos named ``{youtube_id}_{time_start:06d}_{time_end:06d}.<ext>``
+  anywhere under SRC (flat or in per-class folders). A row without its video
+  is kept as a sample whose path is missing, so it ends up in failed.jsonl.
+* ``folders``: ``SRC/<class>/<video>`` (UCF101, HMDB51), optionally filtered by
+  split files; files directly in SRC are unlabeled (label -1).
+* ``csv``: a CSV with ``path,label`` (path relative to SRC; an empty label or
+  ``-1`` means unlabeled).
+
+Every sample is a :class:`Sample` with a stable, dot-free key.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+
+UNLABELED = -1
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    source: str          # path relative to SRC (posix), as written to json/failed.jsonl
+    path: str | None     # absolute path, None when the file is missing
+    label: int
+    label_name: str
+
+
+def _sanitize(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "video"
+
+
+def make_key(source: str) -> str:
+    """Stable, dot-free, unique key: readable stem + hash of the relative path."""
+    stem = os.path.splitext(os.path.basename(source))[0]
+    digest = hashlib.sha1(source.encode("utf-8")).hexdigest()[:10]
+    return f"{_sanitize(stem)[:80]}_{digest}"
+
+
+def _rel(path: str, src: str) -> str:
+    return os.path.relpath(path, src).replace(os.sep, "/")
+
+
+def _walk_files(root: str) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+    return out
+
+
+def _class_ids(names) -> dict[str, int]:
+    names = sorted(set(names))
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        names = sorted(names, key=int)  # numeric labels keep their order
+    return {n: i for i, n in enumerate(names)}
+
+
+def _read_csv(path: str) -> tuple[list[str], list[dict]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, skipinitialspace=True)
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+            return [(h or "").strip() for h in (reader.fieldnames or [])], rows
+    except OSError as e:
+        raise UsageError(f"cannot read annotations {path}: {e.strerror or e}") from None
+
+
+def kinetics(src: str, annotations: str, split: str | None = None) -> tuple[list[Sample], list[str]]:
+    header, rows = _read_csv(annotations)
+    need = {"youtube_id", "time_start", "time_end"}
+    if not need <= set(header):
+        raise UsageError(f"{annotations}: not a Kinetics annotation file (needs columns {sorted(need)}, has {header})")
+    has_label = "label" in header
+    classes = _class_ids(r["label"] for r in rows if has_label and r["label"]) if has_label else {}
+    by_stem: dict[str, str] = {}
+    for path in _walk_files(src):
+        by_stem.setdefault(os.path.splitext(os.path.basename(path))[0], path)
+    samples, seen = [], set()
+    for i, r in enumerate(rows, start=2):
+        if split and r.get("split") and r["split"] != split:
+            continue
+        try:
+            stem = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
+        except ValueError:
+            raise UsageError(f"{annotations}:{i}: bad time_start/time_end {r['time_start']!r}, {r['time_end']!r}") from None
+        if stem in seen:
+            continue
+        seen.add(stem)
+        name = r.get("label", "") if has_label else ""
+        path = by_stem.get(stem)
+        source = _rel(path, src) if path else (f"{name}/{stem}.mp4" if name else f"{stem}.mp4")
+        samples.append(Sample(_sanitize(stem), source, path, classes.get(name, UNLABELED), name))
+    return samples, sorted(classes, key=classes.get)
+
+
+def csv_layout(src: str, annotations: str) -> tuple[list[Sample], list[str]]:
+    header, rows = _read_csv(annotations)
+    if "path" not in header:
+        raise UsageError(f"{annotations}: a csv layout needs a 'path' column (and optionally 'label'), has {header}")
+    names = [r.get("label", "") for r in rows]
+    classes = _class_ids(n for n in names if n and n != str(UNLABELED))
+    samples = []
+    for r, name in zip(rows, names):
+        source = r["path"].replace(os.sep, "/")
+        path = os.path.join(src, source)
+        labelled = name and name != str(UNLABELED)
+        samples.append(Sample(make_key(source), source, path if os.path.exists(path) else None,
+                              classes[name] if labelled else UNLABELED, name if labelled else ""))
+    return samples, sorted(classes, key=classes.get)
+
+
+def _split_filter(split_files: list[str], split: str | None) -> set[str]:
+    """Relative paths (or bare file names, for HMDB51) selected by the split files."""
+    files = []
+    for pattern in split_files:
+        if os.path.isdir(pattern):
+            files += sorted(glob.glob(os.path.join(pattern, "*.txt")))
+        else:
+            found = sorted(glob.glob(pattern))
+            if not found:
+                raise UsageError(f"--split-file {pattern}: no such file")
+            files += found
+    selected = set()
+    for path in files:
+        hmdb = re.search(r"_test_split\d+\.txt$", os.path.basename(path))
+        if hmdb and split not in ("train", "test"):
+            raise UsageError(f"{path}: an HMDB51 split file needs --split train|test")
+        want = {"train": "1", "test": "2"}.get(split or "")
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if not parts:
+                    continue
+                if hmdb:
+                    if len(parts) >= 2 and parts[1] == want:
+                        selected.add(parts[0])
+                else:  # UCF101: "Class/v_Class_g08_c01.avi [label]"
+                    selected.add(parts[0].replace("\\", "/"))
+    return selected
+
+
+def folders(src: str, split_files: list[str] | None = None, split: str | None = None) -> tuple[list[Sample], list[str]]:
+    entries = sorted(e for e in os.listdir(src) if not e.startswith("."))
+    class_dirs = [e for e in entries if os.path.isdir(os.path.join(src, e))]
+    classes = _class_ids(class_dirs)
+    wanted = _split_filter(split_files, split) if split_files else None
+    samples = []
+    for path in _walk_files(src):
+        source = _rel(path, src)
+        top = source.split("/", 1)[0]
+        if wanted is not None and source not in wanted and os.path.basename(source) not in wanted:
+            continue
+        if "/" in source:
+            samples.append(Sample(make_key(source), source, path, classes[top], top))
+        else:
+            samples.append(Sample(make_key(source), source, path, UNLABELED, ""))
+    if wanted is not None:  # listed in a split file but absent: reported, not dropped
+        found = {s.source for s in samples} | {os.path.basename(s.source) for s in samples}
+        for rel in sorted(wanted - found):
+            top = rel.split("/", 1)[0] if "/" in rel else ""
+            samples.append(Sample(make_key(rel), rel, None, classes.get(top, UNLABELED), top if top in classes else ""))
+    return samples, sorted(classes, key=classes.get)
+
+
+def detect_layout(src: str, annotations: str | None) -> str:
+    if annotations:
+        header, _ = _read_csv(annotations)
+        return "kinetics" if "youtube_id" in header else "csv"
+    return "folders"
+
+
+def discover(src: str, layout: str = "auto", annotations: str | None = None,
+             split_files: list[str] | None = None, split: str | None = None) -> tuple[str, list[Sample], list[str]]:
+    """Return (layout, samples, class names) for SRC."""
+    if not os.path.isdir(src):
+        raise UsageError(f"SRC {src} is not a folder")
+    if layout == "auto":
+        layout = detect_layout(src, annotations)
+    if layout in ("kinetics", "csv") and not annotations:
+        raise UsageError(f"--layout {layout} needs --annotations FILE.csv")
+    if layout == "kinetics":
+        samples, classes = kinetics(src, annotations, split)
+    elif layout == "csv":
+        samples, classes = csv_layout(src, annotations)
+    elif layout == "folders":
+        samples, classes = folders(src, split_files, split)
+    else:
+        raise UsageError(f"unknown --layout {layout}")
+    keys = {}
+    for s in samples:
+        if s.key in keys:
+            raise UsageError(f"two inputs map to the key {s.key}: {keys[s.key]} and {s.source}")
+        keys[s.key] = s.source
+    return layout, samples, classes

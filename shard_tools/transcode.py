@@ -1,0 +1,250 @@
+"""Turn one input video into one packed shard member, or say why it cannot be.
+
+`transcode(path, settings)` returns ``(data, meta)``: the encoded member (an
+MP4 holding H.264, a WebM holding VP9, or the untouched stream for
+``codec="copy"``) and the facts the loaders need (``num_frames`` counted from
+what was encoded, ``fps``, ``width``, ``height``, ``codec``, ``duration``).
+Anything wrong with the input raises :class:`BadVideo` with a reason a person
+understands; make_shards writes that reason to ``failed.jsonl``.
+
+Output frame rate is constant: input frames are placed on the output grid by
+their presentation time (nearest slot, as FFmpeg's ``fps`` filter does), so
+variable-frame-rate input is duplicated/dropped into a steady ``fps``. GOPs are
+closed with a keyframe every ``gop`` frames so a clip decode starts at most
+``gop - 1`` frames before its window.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import os
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+
+import av
+
+# container / member extension for each output codec
+MEMBER_EXT = {"h264": "mp4", "vp9": "webm"}
+_ENCODER = {"h264": "libx264", "vp9": "libvpx-vp9"}
+_DEFAULT_CRF = {"h264": 23, "vp9": 32}
+# image demuxers: a lone picture is not a video
+_IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "gif", "tiff_pipe"}
+
+
+class BadVideo(Exception):
+    """The input cannot be packed; ``str(exc)`` is the reason for failed.jsonl."""
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    codec: str = "h264"          # h264 | vp9 | copy
+    fps: float | None = 30.0     # None: keep (copy only)
+    short_side: int | None = 256  # None or 0: keep the size (even dimensions)
+    gop: int = 16
+    crf: int | None = None       # None: codec default (h264 23, vp9 32)
+    preset: str = "veryfast"     # x264 preset; vp9 uses realtime/cpu-used 8
+    threads: int = 1             # codec threads per worker process
+    min_frames: int = 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def output_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """Scale so the short side is ``short_side`` (aspect kept), both sides even."""
+    def even(x: float) -> int:
+        return max(2, int(round(x / 2)) * 2)
+
+    if not short_side:
+        return even(width), even(height)
+    short = even(short_side)
+    if width <= height:
+        return short, even(height * short / width)
+    return even(width * short / height), short
+
+
+def _open(path: str):
+    if os.path.islink(path) and not os.path.exists(path):
+        raise BadVideo("unreadable: broken symbolic link")
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise BadVideo("missing: the file does not exist") from None
+    except OSError as e:
+        raise BadVideo(f"unreadable: {e.strerror or e}") from None
+    if size == 0:
+        raise BadVideo("empty file (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise BadVideo("unreadable: permission denied")
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except PermissionError:
+        raise BadVideo("unreadable: permission denied") from None
+    except av.error.FFmpegError as e:
+        raise BadVideo(f"cannot open it as a video (FFmpeg: {_msg(e)}): not a video file, "
+                       "or truncated/corrupt") from None
+    except OSError as e:
+        if e.errno == errno.EACCES:
+            raise BadVideo("unreadable: permission denied") from None
+        raise BadVideo(f"unreadable: {e}") from None
+    if container.format.name in _IMAGE_FORMATS:
+        container.close()
+        raise BadVideo(f"not a video: a still image ({container.format.name})")
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams})
+        container.close()
+        if "audio" in kinds:
+            raise BadVideo("no video stream (audio only)")
+        raise BadVideo(f"no video stream (streams: {', '.join(kinds) or 'none'})")
+    return container
+
+
+def _msg(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e)
+
+
+def _input_rate(stream) -> Fraction:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return Fraction(rate) if rate else Fraction(30)
+
+
+def _check_complete(decoded: int, stream) -> None:
+    declared = stream.frames or 0
+    if declared and decoded < declared - max(2, declared // 20):
+        raise BadVideo(
+            f"truncated or corrupt: decoded {decoded} of the {declared} frames the container declares"
+        )
+
+
+def _decoded_frames(container, stream):
+    """Yield (time_in_seconds, frame) for every decodable frame, in order."""
+    stream.thread_type = "AUTO"
+    rate = _input_rate(stream)
+    n = 0
+    try:
+        for frame in container.decode(stream):
+            t = frame.time
+            yield (float(n / rate) if t is None else t), frame
+            n += 1
+    except av.error.FFmpegError as e:
+        raise BadVideo(f"corrupt: decoding failed after {n} frames ({_msg(e)})") from None
+    _check_complete(n, stream)
+
+
+def resample_times(times_and_frames, fps: float, last_duration: float):
+    """Place frames on a constant ``fps`` grid: slot k shows the frame whose
+    presentation time rounds to k, or the latest earlier one (duplicates fill
+    gaps, later frames win a shared slot). Yields frames."""
+    t0 = None
+    pending, pending_slot, last_t = None, 0, 0.0
+    for t, frame in times_and_frames:
+        if t0 is None:
+            t0 = t
+        slot = int(round((t - t0) * fps))
+        if pending is not None:
+            for _ in range(pending_slot, slot):
+                yield pending
+            pending_slot = max(pending_slot, slot)
+        pending, last_t = frame, t
+    if pending is None:
+        return
+    end_slot = max(pending_slot + 1, int(round((last_t - t0 + last_duration) * fps)))
+    for _ in range(pending_slot, end_slot):
+        yield pending
+
+
+def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
+    in_w, in_h = stream.codec_context.width, stream.codec_context.height
+    if not in_w or not in_h:
+        raise BadVideo("corrupt: the video stream has no frame size")
+    w, h = output_size(in_w, in_h, s.short_side)
+    fps = Fraction(s.fps).limit_denominator(1001) if s.fps else _input_rate(stream)
+    buf = io.BytesIO()
+    out = av.open(buf, "w", format=MEMBER_EXT[s.codec])
+    ost = out.add_stream(_ENCODER[s.codec], rate=fps)
+    ost.width, ost.height, ost.pix_fmt = w, h, "yuv420p"
+    ost.codec_context.thread_count = s.threads
+    crf = s.crf if s.crf is not None else _DEFAULT_CRF[s.codec]
+    if s.codec == "h264":
+        ost.options = {
+            "crf": str(crf),
+            "preset": s.preset,
+            "x264-params": f"keyint={s.gop}:min-keyint={s.gop}:scenecut=0:open-gop=0",
+        }
+    else:
+        ost.options = {
+            "crf": str(crf), "b": "0", "deadline": "realtime", "cpu-used": "8",
+            "g": str(s.gop), "keyint_min": str(s.gop), "row-mt": "1",
+        }
+    tb = Fraction(1, 1) / fps
+    n = 0
+    frames = _decoded_frames(container, stream)
+    for frame in resample_times(frames, float(fps), float(1 / _input_rate(stream))):
+        img = frame.reformat(width=w, height=h, format="yuv420p", interpolation="AREA")
+        img.pts, img.time_base = n, tb
+        for packet in ost.encode(img):
+            out.mux(packet)
+        n += 1
+    for packet in ost.encode():
+        out.mux(packet)
+    out.close()
+    meta = {"num_frames": n, "fps": float(fps), "width": w, "height": h, "codec": s.codec}
+    return buf.getvalue(), meta
+
+
+_COPY_CONTAINER = {"vp8": "webm", "vp9": "webm", "av1": "mp4", "h264": "mp4", "hevc": "mp4", "mpeg4": "mp4"}
+
+
+def _copy(container, stream, path: str) -> tuple[bytes, dict]:
+    name = stream.codec_context.name
+    fmt = _COPY_CONTAINER.get(name, "matroska")
+    buf = io.BytesIO()
+    out = av.open(buf, "w", format=fmt)
+    ost = out.add_stream_from_template(stream)
+    try:
+        for packet in container.demux(stream):
+            if packet.dts is None:
+                continue
+            packet.stream = ost
+            out.mux(packet)
+    except av.error.FFmpegError as e:
+        raise BadVideo(f"corrupt: demuxing failed ({_msg(e)})") from None
+    out.close()
+    data = buf.getvalue()
+    # count exactly what a decoder gets back from the packed member
+    with av.open(io.BytesIO(data)) as check:
+        n = sum(1 for _ in _decoded_frames(check, check.streams.video[0]))
+    ext = {"webm": "webm", "mp4": "mp4"}.get(fmt, "mkv")
+    meta = {
+        "num_frames": n,
+        "fps": float(_input_rate(stream)),
+        "width": stream.codec_context.width,
+        "height": stream.codec_context.height,
+        "codec": name,
+        "ext": ext,
+    }
+    return data, meta
+
+
+def transcode(path: str, settings: EncodeSettings) -> tuple[bytes, dict]:
+    """Return (member bytes, meta) for one input video, or raise BadVideo."""
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        if settings.codec == "copy":
+            data, meta = _copy(container, stream, path)
+        else:
+            data, meta = _encode(container, stream, settings)
+            meta["ext"] = MEMBER_EXT[settings.codec]
+    except BadVideo:
+        raise
+    except av.error.FFmpegError as e:
+        raise BadVideo(f"corrupt: {_msg(e)}") from None
+    finally:
+        container.close()
+    if meta["num_frames"] == 0:
+        raise BadVideo("corrupt: no frame could be decoded")
+    if meta["num_frames"] < settings.min_frames:
+        raise BadVideo(f"too short: {meta['num_frames']} frames < --min-frames {settings.min_frames}")
+    meta["duration"] = round(meta["num_frames"] / meta["fps"], 6)
+    return data, meta

@@ -1,0 +1,335 @@
+"""make_shards on the real videos and on bad inputs."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import webdataset as wds
+
+from shard_tools.make_shards import main as make_shards
+from shard_tools.wds_index import write_index
+from tests import media
+from tests.conftest import REAL, REPO
+
+
+def tar_samples(shard_dir: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} over every tar of a shard folder (in manifest order)."""
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    out = {}
+    for shard in manifest["shards"]:
+        with tarfile.open(shard_dir / shard["path"]) as tar:
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def decode_count(data: bytes) -> tuple[int, av.video.stream.VideoStream]:
+    with av.open(io.BytesIO(data)) as c:
+        s = c.streams.video[0]
+        info = (s.average_rate, s.codec_context.width, s.codec_context.height)
+        return sum(1 for _ in c.decode(s)), info
+
+
+def test_real_videos_packed_exactly(h264_shards, real_tree):
+    manifest = json.loads((h264_shards / "manifest.json").read_text())
+    samples = tar_samples(h264_shards)
+    assert manifest["total_samples"] == len(samples) == len(REAL)
+    assert manifest["classes"] == ["arm wrestling", "other"]
+    assert (h264_shards / "classes.txt").read_text(encoding="utf-8") == "arm wrestling\nother\n"
+    assert (h264_shards / "failed.jsonl").read_text() == ""
+    assert manifest["pattern"] == "train-{000000..000002}.tar"
+    assert [s["num_samples"] for s in manifest["shards"]] == [2, 2, 1]
+    sources = set()
+    indices = []
+    for key, members in samples.items():
+        assert "." not in key and key
+        assert set(members) == {"mp4", "json", "cls", "nframes", "ids"}
+        info = json.loads(members["json"])
+        n, (rate, w, h) = decode_count(members["mp4"])
+        assert info["num_frames"] == n == struct.unpack("<i", members["nframes"])[0]
+        assert rate == 30 and info["fps"] == 30.0
+        assert min(w, h) == 128 and w % 2 == 0 and h % 2 == 0
+        assert (info["width"], info["height"]) == (w, h)
+        index, label = struct.unpack("<qq", members["ids"])
+        assert label == info["label"] == int(members["cls"]) == manifest["classes"].index(info["label_name"])
+        assert index == info["index"]
+        indices.append(index)
+        assert info["codec"] == "h264" and info["duration"] == pytest.approx(n / 30, abs=1e-5)
+        sources.add(info["source"])
+    assert indices == list(range(len(REAL)))  # position in manifest order
+    assert sources == {str(p.relative_to(real_tree)) for p in real_tree.rglob("*.*")}
+    # plain webdataset reads the same keys in the same order
+    urls = str(h264_shards / manifest["pattern"])
+    assert [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)] == list(samples)
+
+
+def test_index_files_match_dali_wds2idx(h264_shards, tmp_path):
+    wds2idx = pytest.importorskip("wds2idx")
+    for tar in sorted(h264_shards.glob("*.tar")):
+        ref = tmp_path / (tar.stem + ".ref.idx")
+        creator = wds2idx.IndexCreator(str(tar), str(ref), verbose=False)
+        creator.create_index()
+        creator.close()
+        assert ref.read_text() == tar.with_suffix(".idx").read_text()
+
+
+def test_dali_reader_reads_every_sample_with_the_index(h264_shards):
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def, types
+    manifest = json.loads((h264_shards / "manifest.json").read_text())
+    tars = [str(h264_shards / s["path"]) for s in manifest["shards"]]
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        ids = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext="ids",
+                                    dtypes=types.INT64, name="reader")
+        return ids
+
+    p = pipe()
+    p.build()
+    n = manifest["total_samples"]
+    assert p.reader_meta("reader")["epoch_size"] == n
+    seen = [int(np.asarray(p.run()[0][0])[0]) for _ in range(n)]
+    assert sorted(seen) == list(range(n))
+
+
+def test_vp9_shards_decode_on_dali_cpu(vp9_shards):
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def
+    samples = tar_samples(vp9_shards)
+    for key, members in samples.items():
+        assert set(members) == {"webm", "json", "cls", "nframes", "ids"}
+        info = json.loads(members["json"])
+        n, _ = decode_count(members["webm"])
+        assert n == info["num_frames"]
+        data = np.frombuffer(members["webm"], np.uint8)
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def pipe():
+            enc = fn.external_source(source=lambda: [data], batch=True)
+            return fn.decoders.video(enc, device="cpu")
+
+        p = pipe()
+        p.build()
+        frames = np.asarray(p.run()[0][0])
+        assert frames.shape == (n, info["height"], info["width"], 3), key
+
+
+@pytest.fixture()
+def bad_tree(videos, tmp_path) -> Path:
+    """Good videos beside every kind of bad input."""
+    src = tmp_path / "src"
+    (src / "good").mkdir(parents=True)
+    (src / "bad").mkdir()
+    shutil.copy(videos / "part_0.mp4", src / "good" / "part_0.mp4")
+    shutil.copy(videos / "test.avi", src / "good" / "test.avi")
+    data = (videos / "test.mp4").read_bytes()
+    (src / "bad" / "zero.mp4").write_bytes(b"")
+    (src / "bad" / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    corrupt = bytearray(data)
+    corrupt[40000: len(data) // 2] = np.random.default_rng(0).integers(0, 256, len(data) // 2 - 40000,
+                                                                         dtype=np.uint8).tobytes()
+    (src / "bad" / "corrupt.mp4").write_bytes(bytes(corrupt))
+    (src / "bad" / "notes.mp4").write_text("this is not a video\n")
+    media.write_audio_only(src / "bad" / "audio.mp4")
+    os.symlink(src / "nowhere.mp4", src / "bad" / "dangling.mp4")
+    return src
+
+
+def test_bad_inputs_reported_and_run_goes_on(bad_tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = make_shards([str(bad_tree), str(out), "--quiet", "--workers", "2", "--short-side", "64",
+                      "--min-frames", "40"])
+    assert rc == 3
+    failed = {json.loads(line)["source"]: json.loads(line)["reason"]
+              for line in (out / "failed.jsonl").read_text().splitlines()}
+    assert set(failed) == {"bad/zero.mp4", "bad/truncated.mp4", "bad/corrupt.mp4", "bad/notes.mp4",
+                           "bad/audio.mp4", "bad/dangling.mp4", "good/part_0.mp4"}
+    assert "empty" in failed["bad/zero.mp4"]
+    assert "truncated" in failed["bad/truncated.mp4"]
+    assert "corrupt" in failed["bad/corrupt.mp4"]
+    assert "not a video" in failed["bad/notes.mp4"]
+    assert "audio only" in failed["bad/audio.mp4"]
+    assert "unreadable" in failed["bad/dangling.mp4"]
+    assert "too short" in failed["good/part_0.mp4"] and "33 frames" in failed["good/part_0.mp4"]
+    packed = tar_samples(out)
+    assert [json.loads(m["json"])["source"] for m in packed.values()] == ["good/test.avi"]
+    assert "1 packed, 7 failed" in capsys.readouterr().out
+
+
+def test_kinetics_layout_with_missing_rows(videos, tmp_path):
+    src = tmp_path / "kinetics"
+    (src / "arm wrestling").mkdir(parents=True)
+    shutil.copy(videos / "demo.mp4", src / "arm wrestling" / "abc-DEF_12_000010_000020.mp4")
+    shutil.copy(videos / "part_0.mp4", src / "zzz_000001_000011.mp4")  # flat
+    ann = tmp_path / "train.csv"
+    ann.write_text('label,youtube_id,time_start,time_end,split,is_cc\n'
+                   '"arm wrestling",abc-DEF_12,10,20,train,0\n'
+                   '"zumba, fast",zzz,1,11,train,0\n'
+                   'abseiling,gone,5,15,train,0\n'
+                   'abseiling,valrow,5,15,val,0\n')
+    out = tmp_path / "out"
+    rc = make_shards([str(src), str(out), "--annotations", str(ann), "--split", "train", "--quiet",
+                      "--workers", "0", "--short-side", "64"])
+    assert rc == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["layout"] == "kinetics"
+    assert manifest["classes"] == ["abseiling", "arm wrestling", "zumba, fast"]
+    infos = {k: json.loads(m["json"]) for k, m in tar_samples(out).items()}
+    assert set(infos) == {"abc-DEF_12_000010_000020", "zzz_000001_000011"}
+    assert infos["abc-DEF_12_000010_000020"]["label"] == 1
+    assert infos["zzz_000001_000011"]["label"] == 2
+    assert infos["zzz_000001_000011"]["source"] == "zzz_000001_000011.mp4"
+    failed = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
+    assert [f["source"] for f in failed] == ["abseiling/gone_000005_000015.mp4"]
+    assert failed[0]["reason"].startswith("missing")
+
+
+def test_unlabeled_kinetics_test_csv_and_csv_layout(videos, tmp_path):
+    src = tmp_path / "flat"
+    src.mkdir()
+    shutil.copy(videos / "part_0.mp4", src / "vid_000000_000010.mp4")
+    ann = tmp_path / "test.csv"
+    ann.write_text("youtube_id,time_start,time_end,split\nvid,0,10,test\n")
+    out = tmp_path / "out"
+    assert make_shards([str(src), str(out), "--annotations", str(ann), "--quiet", "--workers", "0",
+                        "--short-side", "64"]) == 0
+    (info,) = [json.loads(m["json"]) for m in tar_samples(out).values()]
+    assert info["label"] == -1 and info["label_name"] == ""
+
+    ann2 = tmp_path / "list.csv"
+    ann2.write_text("path,label\nvid_000000_000010.mp4,\n")
+    out2 = tmp_path / "out2"
+    assert make_shards([str(src), str(out2), "--annotations", str(ann2), "--quiet", "--workers", "0",
+                        "--short-side", "64"]) == 0
+    (info,) = [json.loads(m["json"]) for m in tar_samples(out2).values()]
+    assert info["label"] == -1 and json.loads((out2 / "manifest.json").read_text())["settings"]["layout"] == "csv"
+
+
+def test_ucf101_and_hmdb51_split_files(videos, tmp_path):
+    src = tmp_path / "ucf"
+    for cls, name in [("ApplyEyeMakeup", "v_ApplyEyeMakeup_g08_c01.avi"), ("YoYo", "v_YoYo_g01_c01.avi"),
+                      ("YoYo", "v_YoYo_g02_c01.avi")]:
+        (src / cls).mkdir(parents=True, exist_ok=True)
+        shutil.copy(videos / "part_0.mp4", src / cls / name)
+    trainlist = tmp_path / "trainlist01.txt"
+    trainlist.write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\nYoYo/v_YoYo_g02_c01.avi 2\n")
+    out = tmp_path / "out"
+    assert make_shards([str(src), str(out), "--split-file", str(trainlist), "--quiet", "--workers", "0",
+                        "--short-side", "64"]) == 0
+    infos = sorted((json.loads(m["json"])["source"], json.loads(m["json"])["label"])
+                   for m in tar_samples(out).values())
+    assert infos == [("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", 0), ("YoYo/v_YoYo_g02_c01.avi", 1)]
+
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    (splits / "ApplyEyeMakeup_test_split1.txt").write_text("v_ApplyEyeMakeup_g08_c01.avi 2\n")
+    (splits / "YoYo_test_split1.txt").write_text("v_YoYo_g01_c01.avi 1 \nv_YoYo_g02_c01.avi 2 \n")
+    out2 = tmp_path / "out2"
+    assert make_shards([str(src), str(out2), "--split-file", str(splits), "--split", "test", "--quiet",
+                        "--workers", "0", "--short-side", "64"]) == 0
+    sources = sorted(json.loads(m["json"])["source"] for m in tar_samples(out2).values())
+    assert sources == ["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "YoYo/v_YoYo_g02_c01.avi"]
+    # an HMDB split file without --split is a usage error
+    assert make_shards([str(src), str(tmp_path / "o3"), "--split-file", str(splits), "--quiet"]) == 2
+
+
+def test_copy_keeps_the_stream(videos, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(videos / "test.avi", src / "test.avi")
+    out = tmp_path / "out"
+    assert make_shards([str(src), str(out), "--codec", "copy", "--quiet", "--workers", "0"]) == 0
+    (members,) = tar_samples(out).values()
+    info = json.loads(members["json"])
+    n, (rate, w, h) = decode_count(members["mp4"])
+    assert info["codec"] == "mpeg4" and (w, h) == (320, 240) and n == info["num_frames"] == 164
+
+
+@pytest.mark.parametrize("extra", [["--codec", "copy", "--fps", "30"], ["--codec", "copy", "--short-side", "128"],
+                                   ["--gop", "0"]])
+def test_usage_errors(real_tree, tmp_path, extra, capsys):
+    assert make_shards([str(real_tree), str(tmp_path / "o"), "--quiet", *extra]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_missing_src_and_reused_out_are_usage_errors(tmp_path, h264_shards, real_tree, capsys):
+    assert make_shards([str(tmp_path / "nope"), str(tmp_path / "o"), "--quiet"]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert make_shards([str(empty), str(tmp_path / "o2"), "--quiet"]) == 2
+    assert "no videos found" in capsys.readouterr().err
+    assert make_shards([str(real_tree), str(h264_shards), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_fps_and_short_side_as_asked(videos, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(videos / "S001C001P001R001A001_rgb.avi", src / "hd.avi")  # 1920x1080 30 fps
+    shutil.copy(videos / "test.avi", src / "test.avi")  # 320x240 25 fps
+    out = tmp_path / "out"
+    assert make_shards([str(src), str(out), "--fps", "12", "--short-side", "96", "--quiet", "--workers", "0"]) == 0
+    for members in tar_samples(out).values():
+        info = json.loads(members["json"])
+        n, (rate, w, h) = decode_count(members["mp4"])
+        assert rate == 12 and min(w, h) == 96 and n == info["num_frames"]
+        src_seconds = {"hd.avi": 103 / 30, "test.avi": 164 / 25}[info["source"]]
+        assert abs(n - src_seconds * 12) <= 1
+
+
+def test_script_resume_after_kill(videos, tmp_path):
+    """kill -9 of the whole run, then --resume: complete shards kept, nothing missing or duplicated."""
+    src = tmp_path / "src"
+    (src / "c").mkdir(parents=True)
+    for i in range(24):
+        shutil.copy(videos / ("test.mp4" if i % 2 else "demo.mp4"), src / "c" / f"clip{i:02d}.mp4")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "shard_tools" / "make_shards.py"), str(src), str(out), "--quiet",
+           "--workers", "2", "--samples-per-shard", "2", "--short-side", "64", "--codec", "vp9"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(out.glob("train-*.tar")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = json.loads((out / ".make_shards_state.json").read_text())
+    kept = {s["path"]: (out / s["path"]).stat().st_mtime_ns for s in state["shards"]}
+    assert 0 < len(kept) < 12, "the run was not killed midway"
+
+    rc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr
+    assert "24 packed, 0 failed" in rc.stdout
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    for path, mtime in kept.items():  # complete shards were kept as they were
+        assert (out / path).stat().st_mtime_ns == mtime
+    samples = tar_samples(out)
+    sources = sorted(json.loads(m["json"])["source"] for m in samples.values())
+    assert sources == [f"c/clip{i:02d}.mp4" for i in range(24)]
+    indices = sorted(json.loads(m["json"])["index"] for m in samples.values())
+    assert indices == list(range(24))
+    assert len(list(out.glob("train-*.tar"))) == len(list(out.glob("train-*.idx"))) == 12
+    # a resume of a complete run packs nothing more
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "24 packed, 0 failed" in again.stdout
+
+
+def test_write_index_rejects_empty_tar(tmp_path):
+    path = tmp_path / "empty.tar"
+    tarfile.open(path, "w").close()
+    with pytest.raises(ValueError, match="no samples"):
+        write_index(str(path), str(tmp_path / "empty.idx"))
