@@ -1,1 +1,61 @@
-"""Clip loaders behind one batch contract (DALI, PyAV, synthetic)."""
+"""Clip loaders behind one batch contract.
+
+    from loaders import build_loader
+    loader = build_loader("shards/manifest.json", backend="pyav", batch_size=8, device="cpu")
+    for batch in loader:       # {"slow", "fast", "label", "index", "frame_ids"}
+        ...
+
+Backends: ``"dali"`` (GPU decode with device="cuda"; DALI's CPU decoder for
+VP9/MJPEG shards with device="cpu"), ``"pyav"`` (CPU workers), ``"synthetic"``
+(random tensors from memory: the upper bound for benchmarks). See
+:mod:`loaders.common` for the contract.
+"""
+from __future__ import annotations
+
+from loaders.common import MEAN, STD, ClipSpec, Shards, resolve_shards
+
+BACKENDS = ("dali", "pyav", "synthetic")
+
+
+def build_loader(shards, *, backend: str, batch_size: int, tau: int = 8, alpha: int = 2, slow_frames: int = 8,
+                 crop_size: int = 224, train: bool = True, normalize: bool = True, device: str = "cuda",
+                 rank: int = 0, world_size: int = 1, num_workers: int | None = None, seed: int = 0,
+                 channels_last: bool = False, **options):
+    """Build a loader yielding dicts ``slow``, ``fast``, ``label``, ``index``, ``frame_ids``.
+
+    ``shards``: a manifest.json, a shard folder, a brace pattern or a list of
+    tars (``None`` is allowed for ``backend="synthetic"`` with ``num_videos=``).
+    ``num_workers``: decoding processes (pyav; 0 = in-process; default: CPU
+    cores) or threads (dali). Options: ``independent_crops``, ``num_clips`` and
+    ``num_crops`` (evaluation views), ``drop_last``, ``shuffle_buffer`` (pyav),
+    ``num_videos`` (synthetic).
+    """
+    import os
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    spec = ClipSpec(tau=tau, alpha=alpha, slow_frames=slow_frames)
+    if num_workers is None:
+        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    common = dict(batch_size=batch_size, crop_size=crop_size, train=train, normalize=normalize, device=device,
+                  rank=rank, world_size=world_size, seed=seed, channels_last=channels_last)
+    if backend == "synthetic":
+        from loaders.synthetic import SyntheticLoader
+        num_videos = options.pop("num_videos", None)
+        if num_videos is None:
+            if shards is None:
+                raise ValueError("synthetic backend: give shards or num_videos=")
+            num_videos = resolve_shards(shards).total
+        return SyntheticLoader(num_videos, spec, **common, **options)
+    if shards is None:
+        raise ValueError(f"{backend} backend: shards are required")
+    resolved = resolve_shards(shards)
+    if backend == "pyav":
+        from loaders.pyav import PyAVLoader
+        return PyAVLoader(resolved, spec, num_workers=num_workers, **common, **options)
+    if backend == "dali":
+        from loaders.dali import DALILoader
+        return DALILoader(resolved, spec, num_threads=max(1, num_workers), **common, **options)
+    raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+__all__ = ["build_loader", "BACKENDS", "ClipSpec", "Shards", "resolve_shards", "MEAN", "STD"]

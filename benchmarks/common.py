@@ -1,0 +1,110 @@
+"""What every suite shares: the machine, package versions, repeats, JSON and plots."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+PACKAGES = ["torch", "numpy", "av", "webdataset", "nvidia-dali-cuda120", "ffcv", "decord2"]
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": cores(), "python": platform.python_version(), "platform": platform.platform(),
+            "gpu": None}
+    try:
+        import torch
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpus"] = torch.cuda.device_count()
+    except ImportError:
+        pass
+    return info
+
+
+def versions() -> dict:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def repeat_rates(configs: dict[str, Callable[[], float]], repeats: int) -> dict[str, dict]:
+    """Run every config ``repeats`` times, interleaved (so drift hits all alike);
+    each call returns a rate (items/s)."""
+    runs: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, fn in configs.items():
+            runs[name].append(fn())
+    return {name: summarize(v) for name, v in runs.items()}
+
+
+def timed(fn: Callable[[], int]) -> float:
+    """Call fn (which returns an item count) and return items/s."""
+    t = time.perf_counter()
+    n = fn()
+    return n / (time.perf_counter() - t)
+
+
+def ratio(results: dict, a: str, b: str) -> float:
+    return results[a]["median"] / results[b]["median"]
+
+
+def write_result(out: Path, suite: str, settings: dict, results: dict, ratios: dict, unit: str,
+                 notes: list[str] | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"suite": suite, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
+           "versions": versions(), "settings": settings, "unit": unit, "results": results,
+           "ratios": ratios, "notes": notes or []}
+    path = out / f"{suite}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    plot(out / f"{suite}.png", suite, results, unit, doc["machine"])
+    return path
+
+
+def plot(path: Path, suite: str, results: dict, unit: str, mach: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(results)
+    med = [results[n]["median"] for n in names]
+    lo = [results[n]["median"] - results[n]["min"] for n in names]
+    hi = [results[n]["max"] - results[n]["median"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.6))
+    ax.barh(names, med, xerr=[lo, hi], color="#4c72b0", capsize=3)
+    for y, v in enumerate(med):
+        ax.text(v, y, f" {v:.3g}", va="center")
+    ax.invert_yaxis()
+    ax.set_xlabel(unit + " (median; bars: min-max)")
+    where = mach["gpu"] or f"{mach['cores']}-core {mach['cpu']}"
+    ax.set_title(f"{suite} — {where}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

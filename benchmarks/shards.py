@@ -1,0 +1,116 @@
+"""`shards` suite: make_shards videos/s against a bare PyAV transcode of the
+same files with the same worker processes and encoder settings.
+
+The bare transcode is what one writes without make_shards: decode, FFmpeg's
+own ``fps`` and ``scale`` filters, encode to memory — no tar, no index, no
+metadata, no failure bookkeeping.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import av
+import av.filter
+
+from benchmarks.common import cores, ratio, repeat_rates, timed, write_result
+from shard_tools.make_shards import main as make_shards
+from shard_tools.transcode import output_size
+
+CODEC = {"h264": ("libx264", "mp4"), "vp9": ("libvpx-vp9", "webm")}
+
+
+def bare_transcode(job: tuple[str, str, int, int, int, int]) -> int:
+    path, codec, fps, short_side, gop, threads = job
+    with av.open(path) as src:
+        ist = src.streams.video[0]
+        ist.thread_type = "AUTO"
+        w, h = output_size(ist.codec_context.width, ist.codec_context.height, short_side)
+        graph = av.filter.Graph()
+        chain = [graph.add_buffer(template=ist), graph.add("fps", str(fps)),
+                 graph.add("scale", f"{w}:{h}:flags=area"), graph.add("format", "yuv420p"),
+                 graph.add("buffersink")]
+        graph.link_nodes(*chain).configure()
+        enc, fmt = CODEC[codec]
+        out = av.open(io.BytesIO(), "w", format=fmt)
+        ost = out.add_stream(enc, rate=fps)
+        ost.width, ost.height, ost.pix_fmt = w, h, "yuv420p"
+        ost.codec_context.thread_count = threads
+        if codec == "h264":
+            ost.options = {"crf": "23", "preset": "veryfast",
+                           "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:open-gop=0"}
+        else:
+            ost.options = {"crf": "32", "b": "0", "deadline": "realtime", "cpu-used": "8", "g": str(gop),
+                           "keyint_min": str(gop), "row-mt": "1"}
+        n = 0
+
+        def drain():
+            nonlocal n
+            while True:
+                try:
+                    frame = graph.vpull()
+                except (av.error.BlockingIOError, av.error.EOFError):
+                    return
+                frame.pict_type = av.video.frame.PictureType.NONE
+                for packet in ost.encode(frame):
+                    out.mux(packet)
+                n += 1
+
+        for frame in src.decode(ist):
+            graph.vpush(frame)
+            drain()
+        graph.vpush(None)
+        drain()
+        for packet in ost.encode():
+            out.mux(packet)
+        out.close()
+    return n
+
+
+def run(videos: Path, out: Path, quick: bool, codec: str = "h264", workers: int | None = None,
+        copies: int | None = None) -> Path:
+    workers = workers or cores()
+    copies = copies or (2 if quick else 6)
+    repeats = 1 if quick else 3
+    files = sorted(p for p in Path(videos).iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in {".mp4", ".avi", ".mkv", ".webm", ".mov"})
+    if not files:
+        raise SystemExit(f"benchmarks shards: no videos in {videos}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_shards_"))
+    src = tmp / "src"
+    src.mkdir()
+    for i in range(copies):  # more inputs than workers, the same bytes
+        for f in files:
+            os.symlink(f.resolve(), src / f"{i:02d}_{f.name}")
+    inputs = sorted(str(p) for p in src.iterdir())
+    threads = max(1, cores() // workers)
+    jobs = [(p, codec, 30, 256, 16, threads) for p in inputs]
+    runs = iter(range(1000))
+
+    def bare():
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.map(bare_transcode, jobs, chunksize=1)
+        return len(inputs)
+
+    def ours():
+        dest = tmp / f"out{next(runs)}"
+        rc = make_shards([str(src), str(dest), "--quiet", "--workers", str(workers), "--codec", codec,
+                          "--fps", "30", "--short-side", "256", "--gop", "16"])
+        assert rc == 0, f"make_shards exited {rc}"
+        shutil.rmtree(dest)
+        return len(inputs)
+
+    try:
+        results = repeat_rates({"bare_pyav_transcode": lambda: timed(bare), "make_shards": lambda: timed(ours)},
+                               repeats)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratios = {"make_shards_over_bare_transcode": ratio(results, "make_shards", "bare_pyav_transcode")}
+    settings = {"videos": [f.name for f in files], "copies": copies, "inputs": len(inputs), "workers": workers,
+                "codec": codec, "fps": 30, "short_side": 256, "gop": 16, "repeats": repeats,
+                "goals": {"make_shards_over_bare_transcode": 0.9}}
+    return write_result(out, "shards", settings, results, ratios, "videos/s")

@@ -1,0 +1,264 @@
+"""What every backend shares: finding shards, where a clip's frames and crop
+come from, the rank split, and the batch contract.
+
+The contract (one dict per batch, whatever the backend):
+
+- ``fast``: float [B, 3, alpha*slow_frames, H, W] — every (tau/alpha)-th frame
+  of a window of slow_frames*tau source frames, from the window start;
+- ``slow``: float [B, 3, slow_frames, H, W] — every tau-th frame, i.e.
+  ``fast[:, :, ::alpha]`` (the same frames, the same crop);
+- ``label``, ``index``: int64 [B] (index: the video's position in manifest order);
+- ``frame_ids``: int64 [B, alpha*slow_frames] — the source frame numbers of
+  ``fast``. A video shorter than the window is looped: frame ids wrap around
+  modulo its frame count, starting at frame 0.
+
+With ``normalize=True`` pixels are ``(x - 255*0.45) / (255*0.225)`` per channel
+(the Kinetics statistics of PySlowFast); with ``normalize=False`` they are
+floats in 0..255.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MEAN = (0.45 * 255, 0.45 * 255, 0.45 * 255)
+STD = (0.225 * 255, 0.225 * 255, 0.225 * 255)
+H264_LIKE = {"h264", "hevc", "h265", "mpeg4", "av1"}
+
+
+# --------------------------------------------------------------------------- shards
+@dataclass
+class Shards:
+    """Tars in manifest order, their sample counts and what the manifest says."""
+    tars: list[str]
+    counts: list[int]
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def idx(self, tar: str) -> str:
+        return tar[:-4] + ".idx"
+
+    @property
+    def codec(self) -> str | None:
+        return (self.manifest.get("settings") or {}).get("codec")
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    import braceexpand
+    return list(braceexpand.braceexpand(pattern))
+
+
+def _idx_count(idx_path: str) -> int:
+    with open(idx_path) as f:
+        return int(f.readline().split()[1])
+
+
+def resolve_shards(shards) -> Shards:
+    """``shards``: a manifest.json, a shard folder, a brace pattern, or a list of tars."""
+    if isinstance(shards, Shards):
+        return shards
+    manifest: dict = {}
+    if isinstance(shards, (list, tuple)):
+        tars = [str(t) for t in shards]
+    else:
+        shards = str(shards)
+        if os.path.isdir(shards) and os.path.exists(os.path.join(shards, "manifest.json")):
+            shards = os.path.join(shards, "manifest.json")
+        if shards.endswith(".json"):
+            try:
+                with open(shards, encoding="utf-8") as f:
+                    manifest = json.load(f)
+            except (OSError, ValueError) as e:
+                raise FileNotFoundError(f"cannot read the manifest {shards}: {e}") from None
+            root = os.path.dirname(os.path.abspath(shards))
+            tars = [os.path.join(root, s["path"]) for s in manifest.get("shards", [])]
+            counts = [int(s["num_samples"]) for s in manifest.get("shards", [])]
+            if not tars or sum(counts) == 0:
+                raise ValueError(f"{shards}: the manifest lists no samples (was every video in failed.jsonl?)")
+            missing = [t for t in tars if not os.path.exists(t)]
+            if missing:
+                raise FileNotFoundError(f"{shards}: shard {missing[0]} is missing")
+            return Shards(tars, counts, manifest)
+        if os.path.isdir(shards):
+            tars = sorted(glob.glob(os.path.join(shards, "*.tar")))
+            if not tars:
+                raise FileNotFoundError(f"no .tar shards in {shards}")
+        else:
+            tars = _expand_braces(shards)
+    missing = [t for t in tars if not os.path.exists(t)]
+    if not tars or missing:
+        raise FileNotFoundError(f"shard {missing[0] if missing else shards} does not exist")
+    for t in tars:
+        if not os.path.exists(t[:-4] + ".idx"):
+            raise FileNotFoundError(f"{t} has no index {t[:-4]}.idx beside it (make_shards writes one; "
+                                    "DALI's wds2idx makes one for other tars)")
+    parent = os.path.join(os.path.dirname(os.path.abspath(tars[0])), "manifest.json")
+    if os.path.exists(parent):
+        with open(parent, encoding="utf-8") as f:
+            manifest = json.load(f)
+    return Shards(tars, [_idx_count(t[:-4] + ".idx") for t in tars], manifest)
+
+
+# --------------------------------------------------------------------------- sampling
+@dataclass(frozen=True)
+class ClipSpec:
+    tau: int = 8
+    alpha: int = 2
+    slow_frames: int = 8
+
+    def __post_init__(self):
+        if self.tau < 1 or self.alpha < 1 or self.slow_frames < 1:
+            raise ValueError("tau, alpha and slow_frames must be at least 1")
+        if self.tau % self.alpha:
+            raise ValueError(f"tau ({self.tau}) must be a multiple of alpha ({self.alpha}): "
+                             "the fast clip takes every tau/alpha-th frame")
+
+    @property
+    def window(self) -> int:
+        return self.slow_frames * self.tau
+
+    @property
+    def stride(self) -> int:
+        return self.tau // self.alpha
+
+    @property
+    def fast_frames(self) -> int:
+        return self.alpha * self.slow_frames
+
+    def starts(self, num_frames: int, train: bool, rng: np.random.Generator | None = None,
+               num_clips: int = 1) -> list[int]:
+        """Window starts: uniform over the valid starts in training; in evaluation
+        ``num_clips`` evenly spaced windows (one: the centre window)."""
+        delta = num_frames - self.window
+        if delta < 0:
+            return [0] * (1 if train else num_clips)
+        if train:
+            return [int(rng.integers(0, delta + 1))]
+        return [(delta * (2 * k + 1)) // (2 * num_clips) for k in range(num_clips)]
+
+    def frame_ids(self, start: int, num_frames: int) -> np.ndarray:
+        return (start + self.stride * np.arange(self.fast_frames, dtype=np.int64)) % max(1, num_frames)
+
+
+def scale_range(crop_size: int) -> tuple[int, int]:
+    """SlowFast-style short-side jitter: [crop*8/7, crop*10/7] ([256, 320] for 224)."""
+    return int(round(crop_size * 8 / 7)), int(round(crop_size * 10 / 7))
+
+
+def crop_box(height: int, width: int, crop_size: int, train: bool, rng: np.random.Generator | None = None,
+             crop_idx: int = 1, num_crops: int = 1) -> tuple[int, int, int, bool]:
+    """(y0, x0, side, flip) in source pixels: resize-short-side-then-crop, done
+    as crop-then-resize. Training: short side S ~ U[crop*8/7, crop*10/7], a
+    random square, a coin-flip mirror. Evaluation: S = crop*8/7 and the centre
+    square (or left/centre/right along the long side for num_crops=3)."""
+    short = min(height, width)
+    lo, hi = scale_range(crop_size)
+    size = int(rng.integers(lo, hi + 1)) if train else lo
+    side = max(1, min(short, int(round(crop_size * short / size))))
+    if train:
+        y0 = int(rng.integers(0, height - side + 1))
+        x0 = int(rng.integers(0, width - side + 1))
+        return y0, x0, side, bool(rng.integers(0, 2))
+    y0, x0 = (height - side) // 2, (width - side) // 2
+    if num_crops > 1:
+        frac = crop_idx / (num_crops - 1)
+        if height > width:
+            y0 = int(round((height - side) * frac))
+        else:
+            x0 = int(round((width - side) * frac))
+    return y0, x0, side, False
+
+
+def sample_rng(seed: int, epoch: int, index: int, view: int = 0) -> np.random.Generator:
+    """The random stream of one sample: the same in every worker, rank and run."""
+    return np.random.default_rng([seed, epoch, index, view])
+
+
+# --------------------------------------------------------------------------- ranks
+def rank_indices(total: int, rank: int, world_size: int, epoch: int = 0) -> tuple[list[int], int]:
+    """Global sample positions this rank reads in an epoch, and how many padded repeats.
+
+    The manifest order is cut into ``world_size`` contiguous ranges (sequential
+    reads) that rotate across epochs; every rank reads ceil(total/world_size)
+    samples, so a shorter range repeats its first sample once: equal steps
+    for DDP, every video seen, at most one padded repeat per rank.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    part = (rank + epoch) % world_size
+    lo = (total * part) // world_size
+    hi = (total * (part + 1)) // world_size
+    per_rank = math.ceil(total / world_size)
+    idx = list(range(lo, hi)) or [lo % total]  # more ranks than videos: repeat one
+    pad = per_rank - len(idx)
+    return idx + idx[:1] * pad, pad
+
+
+# --------------------------------------------------------------------------- stats
+@dataclass
+class LoaderStats:
+    clips: int = 0
+    batches: int = 0
+    skipped: int = 0
+    skip_reasons: list = field(default_factory=list)
+    wait_s: float = 0.0
+
+    def skip(self, key: str, reason: str, limit: int = 1000) -> None:
+        self.skipped += 1
+        if len(self.skip_reasons) < limit:
+            self.skip_reasons.append({"key": key, "reason": reason})
+
+    def as_dict(self) -> dict:
+        return {"clips": self.clips, "batches": self.batches, "skipped": self.skipped,
+                "skip_reasons": list(self.skip_reasons), "wait_s": self.wait_s}
+
+
+class Timer:
+    def __init__(self, stats: LoaderStats):
+        self.stats = stats
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.stats.wait_s += time.perf_counter() - self.t
+
+
+# --------------------------------------------------------------------------- batches
+class Normalizer:
+    """Finishes a batch of the contract on the device: uint8/float clips ->
+    float (normalised or 0..255), slow = fast[:, :, ::alpha] unless given,
+    optional channels_last_3d, every tensor on ``device``."""
+
+    def __init__(self, alpha: int, normalize: bool, device, channels_last: bool = False):
+        import torch
+        self.torch = torch
+        self.alpha, self.normalize, self.channels_last = alpha, normalize, channels_last
+        self.device = torch.device(device)
+        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1, 1)
+        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1, 1)
+
+    def _prep(self, x):
+        x = x.to(self.device, non_blocking=True).float()
+        if self.normalize:
+            x = x.sub_(self.mean).div_(self.std)
+        return x
+
+    def __call__(self, fast, slow, meta: dict) -> dict:
+        fast = self._prep(fast)
+        slow = fast[:, :, :: self.alpha].contiguous() if slow is None else self._prep(slow)
+        if self.channels_last:
+            fmt = self.torch.channels_last_3d
+            fast, slow = fast.contiguous(memory_format=fmt), slow.contiguous(memory_format=fmt)
+        out = {"slow": slow, "fast": fast}
+        out.update({k: v.to(self.device, non_blocking=True) for k, v in meta.items()})
+        return out

@@ -1,0 +1,241 @@
+"""The DALI backend: the whole clip path declared as one DALI graph.
+
+    fn.readers.webdataset (the .idx files; sharded by rank; shuffled)
+      -> num_frames (KEY.nframes) and [index, label] (KEY.ids) read as numbers
+      -> window start and the fast frame ids chosen in the graph
+      -> fn.decoders.video: the fast sequence decoded once
+         (device "mixed" = NVDEC on a GPU; "cpu" = VP8/VP9/MJPEG only)
+      -> one crop box per sample: fn.resize with a ROI (crop + resize at once)
+      -> fn.crop_mirror_normalize (flip, normalise, FHWC -> CFHW)
+    DALIGenericIterator(reader_name="reader") -> torch tensors on the device
+      -> slow = fast[:, :, ::alpha] (a strided copy on the device; with
+         independent crops the slow frames get their own crop in the graph)
+
+The sampling rules are those of :mod:`loaders.common` (same window, same
+evaluation crop as the PyAV backend); random draws come from DALI's own
+generators seeded by ``seed`` and ``rank``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+from loaders.common import H264_LIKE, MEAN, STD, ClipSpec, LoaderStats, Shards, Timer, rank_indices, scale_range
+
+
+def _first_codec(shards: Shards) -> str | None:
+    """The codec of the first sample (for shards without a manifest, or codec=copy)."""
+    with tarfile.open(shards.tars[0]) as tar:
+        for member in tar:
+            if member.name.endswith(".json"):
+                return json.loads(tar.extractfile(member).read()).get("codec")
+    return None
+
+
+def check_decodable(shards: Shards, device: str) -> None:
+    if device != "cpu":
+        return
+    codec = shards.codec
+    if codec in (None, "copy"):
+        codec = _first_codec(shards)
+    if codec in H264_LIKE:
+        raise ValueError(
+            f"dali backend on a machine without a GPU: DALI's CPU video decoder reads only VP8/VP9/MJPEG, "
+            f"and these shards are {codec} ({shards.tars[0]}). Use backend=\"pyav\", or pack the shards "
+            f"with make_shards --codec vp9.")
+
+
+class DALILoader:
+    def __init__(self, shards: Shards, spec: ClipSpec, *, batch_size: int, crop_size: int, train: bool,
+                 normalize: bool, device: str, rank: int, world_size: int, num_threads: int, seed: int,
+                 channels_last: bool, independent_crops: bool = False, num_clips: int = 1, num_crops: int = 1,
+                 drop_last: bool = False, initial_fill: int = 256, prefetch_queue_depth: int = 2,
+                 device_id: int | None = None, **unused):
+        if unused:
+            raise TypeError(f"dali backend: unknown options {sorted(unused)}")
+        if not train and (num_clips > 1 or num_crops > 1):
+            raise NotImplementedError("dali backend: multi-view evaluation (num_clips/num_crops > 1) is not "
+                                      "built; use backend=\"pyav\" for 10-clip testing")
+        device = str(device)
+        self.on_gpu = device.startswith("cuda")
+        check_decodable(shards, "cuda" if self.on_gpu else "cpu")
+        self.shards, self.spec = shards, spec
+        self.batch_size, self.crop_size, self.train, self.normalize = batch_size, crop_size, train, normalize
+        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+        self.independent_crops, self.channels_last = independent_crops, channels_last
+        self.num_threads, self.initial_fill, self.prefetch = num_threads, initial_fill, prefetch_queue_depth
+        if self.on_gpu:
+            self.device = torch.device(device)
+            self.device_id = self.device.index if self.device.index is not None else (
+                device_id if device_id is not None else torch.cuda.current_device())
+        else:
+            self.device, self.device_id = torch.device("cpu"), None
+        self.epoch = 0
+        self.stats = LoaderStats()
+        self._iter = None
+        self.index_paths = [shards.idx(t) for t in shards.tars]
+        self._patched = None  # folder of rewritten indices that leave out undecodable members
+        self._outputs = ["fast", "frame_ids", "index", "label"] + (["slow"] if independent_crops else [])
+
+    # ------------------------------------------------------------------ graph
+    def _crop(self, frames, fn, types, dmath):
+        """One crop box per sample (crop_box in loaders.common, in DALI ops)."""
+        shape = frames.shape()
+        h = fn.cast(shape[1], dtype=types.INT32)
+        w = fn.cast(shape[2], dtype=types.INT32)
+        short = dmath.min(h, w)
+        lo, hi = scale_range(self.crop_size)
+        if self.train:
+            size = lo + fn.cast(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * float(hi - lo + 1)),
+                                dtype=types.INT32)
+        else:
+            size = fn.cast(short * 0 + lo, dtype=types.INT32)
+        side_f = fn.cast(short * self.crop_size, dtype=types.FLOAT) / fn.cast(size, dtype=types.FLOAT)
+        side = dmath.min(short, dmath.max(fn.cast(dmath.floor(side_f + 0.5), dtype=types.INT32), 1))
+        if self.train:
+            y0 = fn.cast(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * fn.cast(h - side + 1, dtype=types.FLOAT)),
+                         dtype=types.INT32)
+            x0 = fn.cast(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * fn.cast(w - side + 1, dtype=types.FLOAT)),
+                         dtype=types.INT32)
+            mirror = fn.random.coin_flip()
+        else:
+            y0, x0, mirror = (h - side) // 2, (w - side) // 2, 0
+        y0f, x0f, sf = (fn.cast(v, dtype=types.FLOAT) for v in (y0, x0, side))
+        out = fn.resize(frames, roi_start=fn.stack(y0f, x0f), roi_end=fn.stack(y0f + sf, x0f + sf),
+                        roi_relative=False, size=[self.crop_size, self.crop_size], antialias=True,
+                        interp_type=types.INTERP_LINEAR)
+        mean, std = (list(MEAN), list(STD)) if self.normalize else ([0.0] * 3, [1.0] * 3)
+        return fn.crop_mirror_normalize(out, dtype=types.FLOAT, output_layout="CFHW", mean=mean, std=std,
+                                        mirror=mirror)
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+        import nvidia.dali.math as dmath
+        spec = self.spec
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+                      seed=self.seed * 1000 + self.rank, prefetch_queue_depth=self.prefetch,
+                      exec_dynamic=True)
+        def graph():
+            video, nframes, ids = fn.readers.webdataset(
+                paths=self.shards.tars, index_paths=self.index_paths,
+                ext=["mp4;webm;mkv", "nframes", "ids"], dtypes=[types.UINT8, types.INT32, types.INT64],
+                missing_component_behavior="error", random_shuffle=self.train, initial_fill=self.initial_fill,
+                shard_id=self.rank, num_shards=self.world_size, pad_last_batch=True, stick_to_shard=False,
+                shuffle_after_epoch=False, name="reader")
+            n = nframes[0]
+            if self.train:
+                starts = dmath.max(n - spec.window + 1, 1)
+                start = fn.cast(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * fn.cast(starts, dtype=types.FLOAT)),
+                                dtype=types.INT32)
+            else:
+                start = dmath.max(n - spec.window, 0) // 2
+            offsets = types.Constant(np.arange(spec.fast_frames, dtype=np.int32) * spec.stride)
+            frame_ids = (start + offsets) % n
+            frames = fn.decoders.video(video, device="mixed" if self.on_gpu else "cpu", frames=frame_ids)
+            fast = self._crop(frames, fn, types, dmath)
+            outputs = [fast, fn.cast(frame_ids, dtype=types.INT64), ids[0], ids[1]]
+            if self.independent_crops:  # (DALI's subscript ignores a step on a sequence: pick frames explicitly)
+                picked = fn.element_extract(frames, element_map=list(range(0, spec.fast_frames, spec.alpha)))
+                slow_frames = fn.reshape(fn.stack(*picked), layout="FHWC")
+                outputs.append(self._crop(slow_frames, fn, types, dmath))
+            return tuple(outputs)
+
+        pipe = graph()
+        pipe.build()
+        return pipe
+
+    # ------------------------------------------------------------------ iteration
+    def __len__(self) -> int:
+        per_rank = len(rank_indices(self.shards.total, self.rank, self.world_size)[0])
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """DALI reshuffles by itself each epoch and rotates the rank shards;
+        the epoch is recorded for the checkpoint."""
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+
+    def _iterator(self):
+        if self._iter is None:
+            from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+            policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
+            self._iter = DALIGenericIterator([self._build()], self._outputs,
+                                             reader_name="reader", last_batch_policy=policy, auto_reset=True,
+                                             last_batch_padded=False)
+        return self._iter
+
+    def __iter__(self):
+        it, produced, rebuilt = None, 0, False
+        while produced < len(self):
+            try:
+                with Timer(self.stats):
+                    if it is None:
+                        it = iter(self._iterator())  # (DALI's iterator runs its first batch here)
+                    out = next(it)
+            except StopIteration:
+                if not rebuilt:
+                    return
+                it, rebuilt = None, False  # a rebuilt pipeline restarted its epoch: fill from the next one
+                continue
+            except RuntimeError as e:
+                bad = _bad_member(str(e))
+                if bad is None:
+                    raise
+                reason = next((ln.strip() for ln in str(e).splitlines() if ".tar:" in ln), str(e))
+                self._exclude(*bad, reason=reason[:300])
+                it, rebuilt = None, True
+                continue
+            produced += 1
+            yield self._finish(out[0])
+
+    def _finish(self, batch: dict) -> dict:
+        fast = batch["fast"]
+        slow = batch["slow"] if self.independent_crops else fast[:, :, :: self.spec.alpha].contiguous()
+        if self.channels_last:
+            fast = fast.contiguous(memory_format=torch.channels_last_3d)
+            slow = slow.contiguous(memory_format=torch.channels_last_3d)
+        self.stats.batches += 1
+        self.stats.clips += fast.shape[0]
+        return {"slow": slow, "fast": fast, "label": batch["label"].view(-1).long(),
+                "index": batch["index"].view(-1).long(), "frame_ids": batch["frame_ids"].long()}
+
+    def _exclude(self, tar: str, key: str, reason: str) -> None:
+        """A member DALI cannot decode: count and warn, leave its sample out of a
+        rewritten index (DALI cannot skip within a batch), rebuild the pipeline."""
+        self.stats.skip(f"{key} ({tar})", reason)
+        warnings.warn(f"dali loader: skipped {key} in {tar}: {reason}", RuntimeWarning)
+        if self._patched is None:
+            self._patched = tempfile.mkdtemp(prefix="vthcl_dali_idx_")
+        i = self.shards.tars.index(tar)
+        src = self.index_paths[i]
+        with open(src) as f:
+            header, *lines = f.read().splitlines()
+        keep = [line for line in lines if not line.split()[3].startswith(key + ".")]
+        if len(keep) == len(lines) or not keep:
+            raise RuntimeError(f"dali loader: cannot leave out {key} of {tar}: {reason}")
+        dst = os.path.join(self._patched, f"{i:06d}.idx")
+        with open(dst, "w") as f:
+            f.write(f"{header.split()[0]} {len(keep)}\n" + "\n".join(keep) + "\n")
+        self.index_paths[i] = dst
+        self._iter = None
+
+
+def _bad_member(message: str) -> tuple[str, str] | None:
+    """(tar, key) of the member a DALI error names as "<tar>:<offset>:<member>"."""
+    m = re.search(r"([^\s\"']+\.tar):(\d+):([^\s\"']+)", message)
+    if not m:
+        return None
+    return m.group(1), m.group(3).split(".", 1)[0]

@@ -1,0 +1,316 @@
+"""The PyAV backend: a webdataset pipeline decoding clips on CPU workers.
+
+Stages (one readable pipeline, webdataset-style)::
+
+    this rank's samples (contiguous manifest ranges, from the .idx byte offsets)
+      -> chunks of consecutive samples, shuffled           (train)
+      -> split by DataLoader worker
+      -> tar byte ranges -> webdataset tar expander -> group by key
+      -> shuffle buffer before decoding                   (train)
+      -> decode only the window: seek to the keyframe before it, decode to
+         its last frame, convert only the frames kept
+      -> crop + resize + flip with torch (uint8 to the main process)
+    main process: batch -> pinned memory -> device -> float, normalise
+
+Every random choice of a sample (window start, crop, flip) comes from
+``(seed, epoch, index)``, so the same sample gets the same clip in any
+worker, rank or run, and a resumed epoch replays exactly.
+"""
+from __future__ import annotations
+
+import io
+import random
+import warnings
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from webdataset import tariterators
+
+from loaders.common import (ClipSpec, LoaderStats, Normalizer, Shards, Timer, crop_box, rank_indices,
+                            sample_rng)
+
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+
+
+# --------------------------------------------------------------------------- byte ranges
+class SampleIndex:
+    """Per global sample (manifest order): its tar and the byte range of its members."""
+
+    def __init__(self, shards: Shards):
+        self.tars = shards.tars
+        tar_id, lo, hi = [], [], []
+        for t, tar in enumerate(shards.tars):
+            with open(shards.idx(tar)) as f:
+                f.readline()
+                prev_end = 0
+                for line in f:
+                    parts = line.split()
+                    ends = [int(parts[i + 1]) + int(parts[i + 2]) for i in range(0, len(parts), 4)]
+                    end = -(-max(ends) // 512) * 512
+                    tar_id.append(t)
+                    lo.append(prev_end)
+                    hi.append(end)
+                    prev_end = end
+        self.tar_id = np.asarray(tar_id)
+        self.lo = np.asarray(lo, dtype=np.int64)
+        self.hi = np.asarray(hi, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.tar_id)
+
+    def chunks(self, positions: list[int], max_len: int) -> list[tuple[str, int, int]]:
+        """Runs of consecutive positions in one tar, as (tar, byte lo, byte hi)."""
+        out, run = [], []
+        for p in positions:
+            if run and (p != run[-1] + 1 or self.tar_id[p] != self.tar_id[run[0]] or len(run) >= max_len):
+                out.append(run)
+                run = []
+            run.append(p)
+        if run:
+            out.append(run)
+        return [(self.tars[self.tar_id[r[0]]], int(self.lo[r[0]]), int(self.hi[r[-1]])) for r in out]
+
+
+class _Range(io.RawIOBase):
+    """A read-only window [lo, hi) of a file: a tar stream of whole samples."""
+
+    def __init__(self, path: str, lo: int, hi: int):
+        self.f = open(path, "rb", buffering=0)
+        self.f.seek(lo)
+        self.left = hi - lo
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = min(len(b), self.left)
+        if n <= 0:
+            return 0
+        got = self.f.readinto(memoryview(b)[:n])
+        self.left -= got
+        return got
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def _open_ranges(chunks):
+    for tar, lo, hi in chunks:
+        yield {"url": f"{tar}[{lo}:{hi}]", "stream": io.BufferedReader(_Range(tar, lo, hi), 1 << 20)}
+
+
+# --------------------------------------------------------------------------- decoding
+def decode_frames(data: bytes, frame_ids: np.ndarray, fps: float, threads: int = 1) -> np.ndarray:
+    """Decode exactly the frames ``frame_ids`` (any order, repeats allowed) as
+    uint8 [T, H, W, 3]: seek to the keyframe before the first, decode up to
+    the last, convert only the frames kept."""
+    wanted = set(int(i) for i in frame_ids)
+    first, last = min(wanted), max(wanted)
+    got: dict[int, np.ndarray] = {}
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = threads
+        tb = float(stream.time_base)
+        t0 = stream.start_time or 0
+        if first > 0:
+            container.seek(t0 + int(first / fps / tb), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            k = int(round((frame.pts - t0) * tb * fps)) if frame.pts is not None else None
+            if k is None or k < first:
+                continue
+            if k in wanted:
+                got[k] = frame.to_ndarray(format="rgb24")
+            if k >= last:
+                break
+    missing = wanted - set(got)
+    if missing:
+        raise ValueError(f"frames {sorted(missing)[:4]}... not in the stream (decoded {len(got)} of {len(wanted)})")
+    return np.stack([got[int(i)] for i in frame_ids])
+
+
+def crop_resize(frames: torch.Tensor, box: tuple[int, int, int, bool], size: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> uint8 [3, T, size, size]: crop the square box,
+    resize (bilinear, antialiased), mirror if asked."""
+    y0, x0, side, flip = box
+    x = frames[:, y0:y0 + side, x0:x0 + side].permute(0, 3, 1, 2).float()
+    if side != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if flip:
+        x = x.flip(-1)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(1, 0, 2, 3).contiguous()
+
+
+@dataclass
+class ClipMaker:
+    """Turns one webdataset sample into its clip(s); runs in the workers."""
+    spec: ClipSpec
+    crop_size: int
+    train: bool
+    seed: int
+    epoch: int
+    independent_crops: bool = False
+    num_clips: int = 1
+    num_crops: int = 1
+    threads: int = 1
+
+    def __call__(self, sample: dict):
+        key = sample.get("__key__", "?")
+        try:
+            yield from self._clips(sample)
+        except Exception as e:  # a corrupt member: reported to the main process, the epoch goes on
+            yield {"__skip__": f"{type(e).__name__}: {e}", "__key__": f"{key} ({sample.get('__url__', '')})"}
+
+    def _clips(self, sample: dict):
+        import json
+        info = json.loads(sample["json"])
+        ext = next((e for e in VIDEO_EXTS if e in sample), None)
+        if ext is None:
+            raise ValueError(f"no video member (has {sorted(k for k in sample if not k.startswith('__'))})")
+        n, fps, index = int(info["num_frames"]), float(info["fps"]), int(info["index"])
+        label = int(info.get("label", -1))
+        rng = sample_rng(self.seed, self.epoch, index)
+        views = 0
+        for clip_idx, start in enumerate(self.spec.starts(n, self.train, rng, self.num_clips)):
+            ids = self.spec.frame_ids(start, n)
+            frames = torch.from_numpy(decode_frames(sample[ext], ids, fps, self.threads))
+            h, w = frames.shape[1:3]
+            for crop_idx in range(1 if self.train else self.num_crops):
+                box = crop_box(h, w, self.crop_size, self.train, rng, crop_idx, self.num_crops)
+                out = {"fast": crop_resize(frames, box, self.crop_size), "label": label, "index": index,
+                       "frame_ids": torch.from_numpy(ids), "view": views}
+                if self.independent_crops:
+                    slow_box = crop_box(h, w, self.crop_size, self.train, rng, crop_idx, self.num_crops)
+                    out["slow"] = crop_resize(frames[:: self.spec.alpha], slow_box, self.crop_size)
+                views += 1
+                yield out
+
+
+class _Clips(torch.utils.data.IterableDataset):
+    """This rank's clips for one epoch, split across DataLoader workers."""
+
+    def __init__(self, chunks, maker: ClipMaker, shuffle_buffer: int, skip: int, seed: int, epoch: int, rank: int):
+        self.chunks, self.maker = chunks, maker
+        self.shuffle_buffer, self.skip = shuffle_buffer, skip
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        if info:
+            torch.set_num_threads(1)
+        mine = self.chunks[wid::nw]
+        stages = [lambda: iter(mine), _open_ranges, tariterators.tar_file_expander, tariterators.group_by_keys]
+        if self.maker.train and self.shuffle_buffer > 1:
+            rng = random.Random(hash((self.seed, self.epoch, self.rank, wid)))
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
+        skip = len(range(wid, self.skip, nw))  # resume: this worker's share of samples already consumed
+        if skip:
+            stages.append(lambda it, k=skip: (s for i, s in enumerate(it) if i >= k))
+        stages.append(lambda it: (clip for s in it for clip in self.maker(s)))
+        return iter(wds.DataPipeline(*stages))
+
+
+class PyAVLoader:
+    """Iterates batches of the contract; see :func:`loaders.build_loader`."""
+
+    def __init__(self, shards: Shards, spec: ClipSpec, *, batch_size: int, crop_size: int, train: bool,
+                 normalize: bool, device: str, rank: int, world_size: int, num_workers: int, seed: int,
+                 channels_last: bool, independent_crops: bool = False, num_clips: int = 1, num_crops: int = 1,
+                 shuffle_buffer: int = 256, chunk_size: int = 64, drop_last: bool = False,
+                 pin_memory: bool | None = None, decode_threads: int = 1, **unused):
+        if unused:
+            raise TypeError(f"pyav backend: unknown options {sorted(unused)}")
+        self.shards, self.spec = shards, spec
+        self.batch_size, self.crop_size, self.train = batch_size, crop_size, train
+        self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
+        self.independent_crops = independent_crops
+        self.num_clips, self.num_crops = (1, 1) if train else (num_clips, num_crops)
+        self.shuffle_buffer, self.chunk_size, self.drop_last = shuffle_buffer, chunk_size, drop_last
+        self.decode_threads = decode_threads
+        self.device = torch.device(device)
+        self.pin_memory = (self.device.type == "cuda") if pin_memory is None else pin_memory
+        self.finish = Normalizer(spec.alpha, normalize, self.device, channels_last)
+        self.index = SampleIndex(shards)
+        self.epoch = 0
+        self._resume_batches = self._batches = 0
+        self.stats = LoaderStats()
+
+    def _views(self) -> int:
+        return self.num_clips * self.num_crops
+
+    def __len__(self) -> int:
+        per_rank = len(rank_indices(len(self.index), self.rank, self.world_size, self.epoch)[0]) * self._views()
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next iteration replays epoch ``epoch`` from batch ``batches``."""
+        self.epoch, self._resume_batches = int(state["epoch"]), int(state["batches"])
+
+    def _dataset(self, skip_samples: int) -> _Clips:
+        positions, _ = rank_indices(len(self.index), self.rank, self.world_size, self.epoch)
+        chunks = self.index.chunks(positions, self.chunk_size if self.train else max(1, len(positions)))
+        if self.train:
+            random.Random(hash((self.seed, self.epoch, self.rank))).shuffle(chunks)
+        maker = ClipMaker(self.spec, self.crop_size, self.train, self.seed, self.epoch, self.independent_crops,
+                          self.num_clips, self.num_crops, self.decode_threads)
+        return _Clips(chunks, maker, self.shuffle_buffer, skip_samples, self.seed, self.epoch, self.rank)
+
+    def __iter__(self):
+        start = self._resume_batches
+        self._resume_batches = 0
+        self._batches = start
+        total = len(self)
+        if start >= total:
+            return
+        skip = start * self.batch_size // self._views()
+        loader = torch.utils.data.DataLoader(
+            self._dataset(skip), batch_size=None, num_workers=self.num_workers,
+            prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
+        batch, owed, last_good = [], 0, None
+        it = iter(loader)
+        while self._batches < total:
+            with Timer(self.stats):
+                item = next(it, None)
+            if item is None:
+                break
+            if "__skip__" in item:
+                self.stats.skip(item["__key__"], item["__skip__"])
+                warnings.warn(f"pyav loader: skipped {item['__key__']}: {item['__skip__']}", RuntimeWarning)
+                if last_good is None:
+                    owed += 1
+                    continue
+                item = last_good  # keep batch sizes (and DDP step counts) intact
+            last_good = item
+            for _ in range(owed + 1):
+                batch.append(item)
+            owed = 0
+            while len(batch) >= self.batch_size and self._batches < total:
+                yield self._emit(batch[: self.batch_size])
+                batch = batch[self.batch_size:]
+        if batch and self._batches < total:
+            yield self._emit(batch)
+
+    def _emit(self, items: list[dict]) -> dict:
+        self._batches += 1
+        self.stats.batches += 1
+        self.stats.clips += len(items)
+        fast = torch.stack([i["fast"] for i in items])
+        slow = torch.stack([i["slow"] for i in items]) if self.independent_crops else None
+        if self.pin_memory:
+            fast = fast.pin_memory()
+            slow = slow.pin_memory() if slow is not None else None
+        keys = ("label", "index", "view") if self._views() > 1 else ("label", "index")
+        meta = {k: torch.as_tensor([i[k] for i in items], dtype=torch.int64) for k in keys}
+        meta["frame_ids"] = torch.stack([i["frame_ids"] for i in items])
+        return self.finish(fast, slow, meta)

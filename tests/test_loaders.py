@@ -1,0 +1,302 @@
+"""The loader contract, for every backend that runs on a CPU."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loaders import build_loader
+from loaders.common import ClipSpec, rank_indices
+from shard_tools.wds_index import write_index
+from tests import media
+
+KEYS = {"slow", "fast", "label", "index", "frame_ids"}
+pytest.importorskip("nvidia.dali")
+
+
+def batches(shards, backend, **kw):
+    opts = dict(backend=backend, batch_size=2, device="cpu", crop_size=48, normalize=False, num_workers=0)
+    if backend == "dali":
+        opts["num_workers"] = 1
+    opts.update(kw)
+    loader = build_loader(str(shards), **opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = list(loader)
+    return loader, out
+
+
+def frame_numbers(clip: torch.Tensor) -> list[int]:
+    """[3, T, H, W] 0..255 -> the number coded in each frame."""
+    return [media.read_frame_number(clip[:, t].numpy()) for t in range(clip.shape[1])]
+
+
+NUM_FRAMES = {"coded_150": 150, "coded_90": 90, "coded_40": 40}
+
+
+def check_exact(out, spec: ClipSpec, train: bool):
+    seen = 0
+    for b in out:
+        assert set(b) == KEYS
+        B = b["fast"].shape[0]
+        assert b["fast"].shape[1:3] == (3, spec.fast_frames) and b["slow"].shape[1:3] == (3, spec.slow_frames)
+        assert b["fast"].dtype == torch.float32 and b["index"].dtype == b["label"].dtype == torch.int64
+        assert b["frame_ids"].shape == (B, spec.fast_frames) and b["frame_ids"].dtype == torch.int64
+        assert torch.equal(b["slow"], b["fast"][:, :, :: spec.alpha])
+        assert 0 <= float(b["fast"].min()) and float(b["fast"].max()) <= 255
+        for i in range(B):
+            ids = b["frame_ids"][i].tolist()
+            n = max(ids) + 1 if ids[0] > 0 or len(set(ids)) == len(ids) else None
+            # content matches frame_ids exactly
+            assert frame_numbers(b["fast"][i]) == ids
+            steps = np.diff(ids)
+            if len(set(ids)) == len(ids) and (steps > 0).all():  # no wrap: a long enough video
+                assert (steps == spec.stride).all()
+                if not train:
+                    assert ids[0] in [(nf - spec.window) // 2 for nf in NUM_FRAMES.values()]
+            else:  # the 40-frame video is looped: ids wrap modulo 40, from 0
+                assert ids[0] == 0 and ids == [(k * spec.stride) % 40 for k in range(spec.fast_frames)], n
+            seen += 1
+    return seen
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("backend,shards", [("pyav", "coded_h264"), ("pyav", "coded_vp9"), ("dali", "coded_vp9")])
+def test_exact_sampling_on_frame_coded_videos(backend, shards, train, request):
+    path = request.getfixturevalue(shards)
+    spec = ClipSpec()
+    loader, out = batches(path, backend, train=train)
+    assert len(out) == len(loader) == 2
+    assert check_exact(out, spec, train) == 3
+    assert sorted(i for b in out for i in b["index"].tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("alpha,tau,slow", [(1, 8, 4), (4, 8, 4), (2, 4, 6)])
+def test_other_tempos(coded_h264, alpha, tau, slow):
+    spec = ClipSpec(tau=tau, alpha=alpha, slow_frames=slow)
+    _, out = batches(coded_h264, "pyav", alpha=alpha, tau=tau, slow_frames=slow, train=False)
+    for b in out:
+        assert torch.equal(b["slow"], b["fast"][:, :, ::alpha])
+        for i in range(b["fast"].shape[0]):
+            assert frame_numbers(b["fast"][i]) == b["frame_ids"][i].tolist()
+            if alpha == 1:
+                assert torch.equal(b["slow"][i], b["fast"][i])
+    assert sum(b["fast"].shape[0] for b in out) == 3 and out[0]["fast"].shape[2] == spec.fast_frames
+
+
+def gradient_offset(clip: torch.Tensor) -> float:
+    """The B channel is a horizontal ramp in the coded videos: its mean over a
+    crop tells where (and how wide) the crop was taken."""
+    return float(clip[2].mean())
+
+
+@pytest.mark.parametrize("backend,shards", [("pyav", "coded_h264"), ("dali", "coded_vp9")])
+def test_same_crop_for_the_pair_and_different_crops_across_samples(backend, shards, request):
+    path = request.getfixturevalue(shards)
+    crops = []
+    for epoch in range(3):
+        loader = build_loader(str(path), backend=backend, batch_size=3, device="cpu", crop_size=48,
+                              normalize=False, num_workers=0 if backend == "pyav" else 1, seed=epoch)
+        loader.set_epoch(epoch)
+        for b in loader:
+            assert torch.equal(b["slow"], b["fast"][:, :, ::2])  # one crop and flip for both clips
+            crops += [round(gradient_offset(c), 1) for c in b["fast"]]
+            for c in b["fast"]:  # one crop for every frame of a clip
+                per_frame = c[2].mean(dim=(1, 2))
+                assert float(per_frame.max() - per_frame.min()) < 4
+    assert len(set(crops)) >= 6, crops  # random crops differ across samples
+
+
+def test_independent_crops_option(coded_h264):
+    _, out = batches(coded_h264, "pyav", independent_crops=True, batch_size=3)
+    (b,) = out
+    # the same frames, but (for at least one sample) another crop
+    for i in range(3):
+        assert frame_numbers(b["slow"][i]) == b["frame_ids"][i, ::2].tolist()
+    assert any(abs(gradient_offset(b["slow"][i]) - gradient_offset(b["fast"][i, :, ::2])) > 1 for i in range(3))
+
+
+def test_eval_centre_crop_and_views(coded_h264):
+    _, out = batches(coded_h264, "pyav", train=False, batch_size=4)
+    for b in out:  # centre crop of a horizontal ramp: mean ~ the middle value
+        for c in b["fast"]:
+            assert abs(gradient_offset(c) - 127.5) < 3
+    loader, out = batches(coded_h264, "pyav", train=False, batch_size=5, num_clips=5, num_crops=3)
+    assert len(loader) == 9 and set(out[0]) == KEYS | {"view"}
+    views = {}
+    for b in out:
+        for i, idx in enumerate(b["index"].tolist()):
+            views.setdefault(idx, []).append((b["view"][i].item(), b["frame_ids"][i, 0].item(),
+                                              round(gradient_offset(b["fast"][i]) / 20)))
+    assert sorted(views) == [0, 1, 2] and all(len(v) == 15 for v in views.values())
+    info = {json.loads(m)["index"]: json.loads(m)["num_frames"] for m in _jsons(coded_h264)}
+    for idx, vs in views.items():
+        n = info[idx]
+        starts = sorted({s for _, s, _ in vs})
+        if n >= 64:  # 5 evenly spaced windows
+            assert starts == [((n - 64) * (2 * k + 1)) // 10 for k in range(5)]
+        offsets = sorted({o for _, _, o in vs})
+        assert len(offsets) == 3  # left, centre, right
+
+
+def _jsons(shard_dir: Path):
+    for tar in sorted(shard_dir.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t:
+                if m.name.endswith(".json"):
+                    yield t.extractfile(m).read()
+
+
+@pytest.mark.parametrize("shards", ["coded_vp9", "vp9_shards"])
+def test_dali_and_pyav_agree_on_the_same_window(shards, request):
+    path = request.getfixturevalue(shards)
+    got = {}
+    for backend in ("pyav", "dali"):
+        _, out = batches(path, backend, train=False, crop_size=64, batch_size=8)
+        got[backend] = {int(i): (b["frame_ids"][k], b["fast"][k]) for b in out for k, i in enumerate(b["index"])}
+    assert sorted(got["pyav"]) == sorted(got["dali"])
+    for idx in got["pyav"]:
+        ids_a, clip_a = got["pyav"][idx]
+        ids_b, clip_b = got["dali"][idx]
+        assert torch.equal(ids_a, ids_b)
+        diff = (clip_a - clip_b).abs()
+        assert float(diff.mean()) < 4.0, (idx, float(diff.mean()))  # codec/colour-conversion tolerance
+
+
+@pytest.mark.parametrize("backend,shards", [("pyav", "h264_shards"), ("dali", "vp9_shards"), ("synthetic", "h264_shards")])
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_two_ranks_see_every_video_with_equal_steps(backend, shards, batch_size, request):
+    path = request.getfixturevalue(shards)
+    total = json.loads((path / "manifest.json").read_text())["total_samples"]
+    assert total == 5
+    for epoch in range(2):
+        seen, steps = [], []
+        for rank in range(2):
+            loader = build_loader(str(path), backend=backend, batch_size=batch_size, device="cpu", crop_size=32,
+                                  rank=rank, world_size=2, num_workers=0 if backend != "dali" else 1)
+            loader.set_epoch(epoch)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = list(loader)
+            steps.append((len(loader), len(out)))
+            idx = [i for b in out for i in b["index"].tolist()]
+            assert len(idx) - len(set(idx)) <= 1  # at most one padded repeat per rank
+            seen += idx
+        assert steps[0] == steps[1] and steps[0][0] == steps[0][1]
+        assert set(seen) == set(range(total))
+
+
+def test_rank_indices_partition():
+    for total in range(1, 30):
+        for world in (1, 2, 3, 8):
+            if world > total:
+                continue
+            for epoch in range(3):
+                parts = [rank_indices(total, r, world, epoch) for r in range(world)]
+                lens = {len(p) for p, _ in parts}
+                assert lens == {-(-total // world)}
+                assert sorted({i for p, _ in parts for i in p}) == list(range(total))
+                assert all(pad <= 1 for _, pad in parts)
+
+
+def corrupt_copy(src: Path, dst: Path, victim_ext: str) -> str:
+    """Copy a shard folder, replacing one video member (not the short one) with garbage."""
+    shutil.copytree(src, dst)
+    for tar in sorted(dst.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            members = [(m, t.extractfile(m).read()) for m in t]
+        victims = [m.name for m, _ in members if m.name.endswith("." + victim_ext) and "part_0" not in m.name]
+        if victims:
+            victim = victims[0]
+            break
+    with tarfile.open(tar, "w") as t:
+        for m, data in members:
+            if m.name == victim:
+                data = b"not a video at all " * 100
+                m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+    write_index(str(tar), str(tar.with_suffix(".idx")))
+    return victim.split(".")[0]
+
+
+@pytest.mark.parametrize("backend,shards,ext", [("pyav", "h264_shards", "mp4"), ("dali", "vp9_shards", "webm")])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_member_and_short_video_do_not_stop_an_epoch(backend, shards, ext, workers, request, tmp_path):
+    if backend == "dali" and workers == 2:
+        workers = 1
+    path = request.getfixturevalue(shards)
+    victim = corrupt_copy(path, tmp_path / "shards", ext)
+    loader = build_loader(str(tmp_path / "shards"), backend=backend, batch_size=2, device="cpu", crop_size=32,
+                          num_workers=workers, train=False)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        out = list(loader)
+    assert len(out) == len(loader) == 3
+    if backend == "pyav":  # the bad sample's place is taken by a good one: batch sizes stay
+        assert sum(b["fast"].shape[0] for b in out) == 5
+    else:  # DALI cannot skip inside a batch: that batch is lost, the rest of the epoch comes from a rebuilt graph
+        assert len({i for b in out for i in b["index"].tolist()}) == 4
+    assert loader.stats.skipped == 1 and victim in loader.stats.skip_reasons[0]["key"]
+    # the 32-frame real video (33 frames at 30 fps) is looped, not dropped
+    ids = {i: f for b in out for i, f in zip(b["index"].tolist(), b["frame_ids"].tolist())}
+    assert any(f[0] == 0 and max(f) < 33 and f != sorted(f) for f in ids.values())
+
+
+def test_dali_refuses_h264_on_cpu_with_a_clear_error(h264_shards):
+    with pytest.raises(ValueError, match=r'backend="pyav".*--codec vp9'):
+        build_loader(str(h264_shards), backend="dali", batch_size=2, device="cpu")
+
+
+def test_normalize_and_channels_last(h264_shards):
+    loader = build_loader(str(h264_shards), backend="pyav", batch_size=5, device="cpu", crop_size=32,
+                          num_workers=0, train=False, channels_last=True)
+    raw = build_loader(str(h264_shards), backend="pyav", batch_size=5, device="cpu", crop_size=32,
+                       num_workers=0, train=False, normalize=False)
+    (b,), (r,) = list(loader), list(raw)
+    assert b["fast"].is_contiguous(memory_format=torch.channels_last_3d)
+    expected = (r["fast"] - 0.45 * 255) / (0.225 * 255)
+    assert torch.allclose(b["fast"], expected, atol=1e-4)
+    assert loader.stats.clips == 5 and loader.stats.batches == 1
+
+
+def test_shard_sources_accepted(h264_shards):
+    tars = sorted(str(p) for p in h264_shards.glob("*.tar"))
+    manifest = json.loads((h264_shards / "manifest.json").read_text())
+    for shards in (h264_shards / "manifest.json", h264_shards, str(h264_shards / manifest["pattern"]), tars):
+        loader = build_loader(shards, backend="pyav", batch_size=8, device="cpu", crop_size=32, num_workers=0)
+        assert len(loader) == 1
+    with pytest.raises(FileNotFoundError):
+        build_loader(str(h264_shards / "nope-{000000..000003}.tar"), backend="pyav", batch_size=1, device="cpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        build_loader(str(h264_shards), backend="nope", batch_size=1, device="cpu")
+
+
+def test_resume_replays_the_rest_of_an_epoch(h264_shards):
+    def make():
+        return build_loader(str(h264_shards), backend="pyav", batch_size=2, device="cpu", crop_size=32,
+                            num_workers=0, seed=3)
+    full = [b["index"].tolist() + b["frame_ids"][:, 0].tolist() for b in make()]
+    loader = make()
+    it = iter(loader)
+    first = [next(it)["index"].tolist()]
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches": 1}
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = [b["index"].tolist() + b["frame_ids"][:, 0].tolist() for b in resumed]
+    assert first[0] == full[0][:2] and rest == full[1:]
+
+
+def test_synthetic_contract():
+    loader = build_loader(None, backend="synthetic", num_videos=10, batch_size=4, device="cpu", crop_size=16)
+    out = list(loader)
+    assert len(out) == len(loader) == 3
+    for b in out:
+        assert set(b) == KEYS and torch.equal(b["slow"], b["fast"][:, :, ::2])
+    assert sorted(i for b in out for i in b["index"].tolist()) == list(range(10))
