@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-SUITES = ["shards"]
+SUITES = ["loader", "shards"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     suites = SUITES if args.suite == "all" else [args.suite]
     for suite in suites:
-        if suite == "shards":
+        if suite == "loader":
+            if not args.videos:
+                p.error("--suite loader needs --videos SRC (and packs them itself unless --shards is given)")
+            from benchmarks import loader
+            path = loader.run(Path(args.videos), out, args.quick, args.device, args.shards, args.workers)
+        elif suite == "shards":
             if not args.videos:
                 p.error("--suite shards needs --videos SRC")
             from benchmarks import shards

@@ -154,28 +154,43 @@ def scale_range(crop_size: int) -> tuple[int, int]:
     return int(round(crop_size * 8 / 7)), int(round(crop_size * 10 / 7))
 
 
-def crop_box(height: int, width: int, crop_size: int, train: bool, rng: np.random.Generator | None = None,
-             crop_idx: int = 1, num_crops: int = 1) -> tuple[int, int, int, bool]:
-    """(y0, x0, side, flip) in source pixels: resize-short-side-then-crop, done
-    as crop-then-resize. Training: short side S ~ U[crop*8/7, crop*10/7], a
-    random square, a coin-flip mirror. Evaluation: S = crop*8/7 and the centre
-    square (or left/centre/right along the long side for num_crops=3)."""
-    short = min(height, width)
+def scaled_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(h, w) with the short side ``short_side``, aspect kept (rounded half up)."""
+    if height <= width:
+        return short_side, int(math.floor(width * short_side / height + 0.5))
+    return int(math.floor(height * short_side / width + 0.5)), short_side
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Resize the frame to (height, width), take the crop_size square at (y0, x0), mirror if flip."""
+    height: int
+    width: int
+    y0: int
+    x0: int
+    flip: bool
+
+
+def crop_params(height: int, width: int, crop_size: int, train: bool, rng: np.random.Generator | None = None,
+                crop_idx: int = 1, num_crops: int = 1) -> Crop:
+    """SlowFast's spatial sampling. Training: short side S ~ U[crop*8/7,
+    crop*10/7] (integers), a random crop_size square, a coin-flip mirror.
+    Evaluation: S = crop*8/7 and the centre square, or for num_crops=3 the
+    left/top, centre and right/bottom squares along the long side."""
     lo, hi = scale_range(crop_size)
-    size = int(rng.integers(lo, hi + 1)) if train else lo
-    side = max(1, min(short, int(round(crop_size * short / size))))
+    short = int(rng.integers(lo, hi + 1)) if train else lo
+    h, w = scaled_size(height, width, max(short, crop_size))
     if train:
-        y0 = int(rng.integers(0, height - side + 1))
-        x0 = int(rng.integers(0, width - side + 1))
-        return y0, x0, side, bool(rng.integers(0, 2))
-    y0, x0 = (height - side) // 2, (width - side) // 2
+        return Crop(h, w, int(rng.integers(0, h - crop_size + 1)), int(rng.integers(0, w - crop_size + 1)),
+                    bool(rng.integers(0, 2)))
+    y0, x0 = (h - crop_size) // 2, (w - crop_size) // 2
     if num_crops > 1:
         frac = crop_idx / (num_crops - 1)
-        if height > width:
-            y0 = int(round((height - side) * frac))
+        if h > w:
+            y0 = int(math.floor((h - crop_size) * frac + 0.5))
         else:
-            x0 = int(round((width - side) * frac))
-    return y0, x0, side, False
+            x0 = int(math.floor((w - crop_size) * frac + 0.5))
+    return Crop(h, w, y0, x0, False)
 
 
 def sample_rng(seed: int, epoch: int, index: int, view: int = 0) -> np.random.Generator:

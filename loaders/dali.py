@@ -5,8 +5,8 @@
       -> window start and the fast frame ids chosen in the graph
       -> fn.decoders.video: the fast sequence decoded once
          (device "mixed" = NVDEC on a GPU; "cpu" = VP8/VP9/MJPEG only)
-      -> one crop box per sample: fn.resize with a ROI (crop + resize at once)
-      -> fn.crop_mirror_normalize (flip, normalise, FHWC -> CFHW)
+      -> short side resized to S (fn.resize), then fn.crop_mirror_normalize
+         takes the crop, flips, normalises, FHWC -> CFHW
     DALIGenericIterator(reader_name="reader") -> torch tensors on the device
       -> slow = fast[:, :, ::alpha] (a strided copy on the device; with
          independent crops the slow frames get their own crop in the graph)
@@ -86,34 +86,36 @@ class DALILoader:
 
     # ------------------------------------------------------------------ graph
     def _crop(self, frames, fn, types, dmath):
-        """One crop box per sample (crop_box in loaders.common, in DALI ops)."""
+        """crop_params of loaders.common, in DALI ops: resize the short side
+        to S, then crop_mirror_normalize takes the square at (y0, x0)."""
         shape = frames.shape()
-        h = fn.cast(shape[1], dtype=types.INT32)
-        w = fn.cast(shape[2], dtype=types.INT32)
-        short = dmath.min(h, w)
+        h = fn.cast(shape[1], dtype=types.FLOAT)
+        w = fn.cast(shape[2], dtype=types.FLOAT)
         lo, hi = scale_range(self.crop_size)
         if self.train:
-            size = lo + fn.cast(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * float(hi - lo + 1)),
-                                dtype=types.INT32)
+            short = lo + dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * float(hi - lo + 1))
         else:
-            size = fn.cast(short * 0 + lo, dtype=types.INT32)
-        side_f = fn.cast(short * self.crop_size, dtype=types.FLOAT) / fn.cast(size, dtype=types.FLOAT)
-        side = dmath.min(short, dmath.max(fn.cast(dmath.floor(side_f + 0.5), dtype=types.INT32), 1))
+            short = h * 0.0 + float(lo)
+        short = dmath.max(short, float(self.crop_size))
+        tall = h > w  # as scaled_size: the short side becomes S, the long one rounds half up
+        sh = dmath.floor(fn.cast(tall, dtype=types.FLOAT) * (h * short / w + 0.5)
+                         + (1.0 - fn.cast(tall, dtype=types.FLOAT)) * short)
+        sw = dmath.floor((1.0 - fn.cast(tall, dtype=types.FLOAT)) * (w * short / h + 0.5)
+                         + fn.cast(tall, dtype=types.FLOAT) * short)
+        room_y, room_x = sh - float(self.crop_size), sw - float(self.crop_size)
         if self.train:
-            y0 = fn.cast(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * fn.cast(h - side + 1, dtype=types.FLOAT)),
-                         dtype=types.INT32)
-            x0 = fn.cast(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * fn.cast(w - side + 1, dtype=types.FLOAT)),
-                         dtype=types.INT32)
+            y0 = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (room_y + 1.0))
+            x0 = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (room_x + 1.0))
             mirror = fn.random.coin_flip()
         else:
-            y0, x0, mirror = (h - side) // 2, (w - side) // 2, 0
-        y0f, x0f, sf = (fn.cast(v, dtype=types.FLOAT) for v in (y0, x0, side))
-        out = fn.resize(frames, roi_start=fn.stack(y0f, x0f), roi_end=fn.stack(y0f + sf, x0f + sf),
-                        roi_relative=False, size=[self.crop_size, self.crop_size], antialias=True,
-                        interp_type=types.INTERP_LINEAR)
+            y0, x0, mirror = dmath.floor(room_y * 0.5), dmath.floor(room_x * 0.5), 0
+        out = fn.resize(frames, size=fn.stack(sh, sw), antialias=True, interp_type=types.INTERP_LINEAR)
         mean, std = (list(MEAN), list(STD)) if self.normalize else ([0.0] * 3, [1.0] * 3)
-        return fn.crop_mirror_normalize(out, dtype=types.FLOAT, output_layout="CFHW", mean=mean, std=std,
-                                        mirror=mirror)
+        # crop_pos is relative: anchor = pos * (size - crop), so pos = y0 / room gives y0 exactly
+        return fn.crop_mirror_normalize(
+            out, dtype=types.FLOAT, output_layout="CFHW", mean=mean, std=std, mirror=mirror,
+            crop=[self.crop_size, self.crop_size],
+            crop_pos_y=y0 / dmath.max(room_y, 1.0), crop_pos_x=x0 / dmath.max(room_x, 1.0))
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types

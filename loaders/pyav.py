@@ -9,7 +9,8 @@ Stages (one readable pipeline, webdataset-style)::
       -> shuffle buffer before decoding                   (train)
       -> decode only the window: seek to the keyframe before it, decode to
          its last frame, convert only the frames kept
-      -> crop + resize + flip with torch (uint8 to the main process)
+      -> resize + RGB in one swscale pass per kept frame, crop, flip
+         (uint8 to the main process)
     main process: batch -> pinned memory -> device -> float, normalise
 
 Every random choice of a sample (window start, crop, flip) comes from
@@ -26,11 +27,10 @@ from dataclasses import dataclass
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from webdataset import tariterators
 
-from loaders.common import (ClipSpec, LoaderStats, Normalizer, Shards, Timer, crop_box, rank_indices,
+from loaders.common import (ClipSpec, Crop, LoaderStats, Normalizer, Shards, Timer, crop_params, rank_indices,
                             sample_rng)
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
@@ -105,13 +105,13 @@ def _open_ranges(chunks):
 
 
 # --------------------------------------------------------------------------- decoding
-def decode_frames(data: bytes, frame_ids: np.ndarray, fps: float, threads: int = 1) -> np.ndarray:
-    """Decode exactly the frames ``frame_ids`` (any order, repeats allowed) as
-    uint8 [T, H, W, 3]: seek to the keyframe before the first, decode up to
-    the last, convert only the frames kept."""
+def decode_frames(data: bytes, frame_ids: np.ndarray, fps: float, threads: int = 1) -> list:
+    """The decoded frames ``frame_ids`` (any order, repeats allowed), as PyAV
+    frames: seek to the keyframe before the first, decode up to the last, keep
+    only those asked for (no conversion yet)."""
     wanted = set(int(i) for i in frame_ids)
     first, last = min(wanted), max(wanted)
-    got: dict[int, np.ndarray] = {}
+    got: dict = {}
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = threads
@@ -124,25 +124,27 @@ def decode_frames(data: bytes, frame_ids: np.ndarray, fps: float, threads: int =
             if k is None or k < first:
                 continue
             if k in wanted:
-                got[k] = frame.to_ndarray(format="rgb24")
+                got[k] = frame
             if k >= last:
                 break
     missing = wanted - set(got)
     if missing:
         raise ValueError(f"frames {sorted(missing)[:4]}... not in the stream (decoded {len(got)} of {len(wanted)})")
-    return np.stack([got[int(i)] for i in frame_ids])
+    return [got[int(i)] for i in frame_ids]
 
 
-def crop_resize(frames: torch.Tensor, box: tuple[int, int, int, bool], size: int) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> uint8 [3, T, size, size]: crop the square box,
-    resize (bilinear, antialiased), mirror if asked."""
-    y0, x0, side, flip = box
-    x = frames[:, y0:y0 + side, x0:x0 + side].permute(0, 3, 1, 2).float()
-    if side != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    if flip:
-        x = x.flip(-1)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(1, 0, 2, 3).contiguous()
+def crop_clip(frames: list, crop: Crop, size: int) -> torch.Tensor:
+    """PyAV frames -> uint8 [3, T, size, size]: one swscale pass per distinct
+    frame (resize + RGB), then the crop and the mirror as views."""
+    rgb = {}
+    for f in frames:
+        if id(f) not in rgb:
+            rgb[id(f)] = f.to_ndarray(width=crop.width, height=crop.height, format="rgb24",
+                                      interpolation="BILINEAR")
+    clip = np.stack([rgb[id(f)] for f in frames])[:, crop.y0:crop.y0 + size, crop.x0:crop.x0 + size]
+    if crop.flip:
+        clip = clip[:, :, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(clip.transpose(3, 0, 1, 2)))
 
 
 @dataclass
@@ -175,17 +177,17 @@ class ClipMaker:
         label = int(info.get("label", -1))
         rng = sample_rng(self.seed, self.epoch, index)
         views = 0
+        h, w = int(info["height"]), int(info["width"])
         for clip_idx, start in enumerate(self.spec.starts(n, self.train, rng, self.num_clips)):
             ids = self.spec.frame_ids(start, n)
-            frames = torch.from_numpy(decode_frames(sample[ext], ids, fps, self.threads))
-            h, w = frames.shape[1:3]
+            frames = decode_frames(sample[ext], ids, fps, self.threads)
             for crop_idx in range(1 if self.train else self.num_crops):
-                box = crop_box(h, w, self.crop_size, self.train, rng, crop_idx, self.num_crops)
-                out = {"fast": crop_resize(frames, box, self.crop_size), "label": label, "index": index,
+                crop = crop_params(h, w, self.crop_size, self.train, rng, crop_idx, self.num_crops)
+                out = {"fast": crop_clip(frames, crop, self.crop_size), "label": label, "index": index,
                        "frame_ids": torch.from_numpy(ids), "view": views}
                 if self.independent_crops:
-                    slow_box = crop_box(h, w, self.crop_size, self.train, rng, crop_idx, self.num_crops)
-                    out["slow"] = crop_resize(frames[:: self.spec.alpha], slow_box, self.crop_size)
+                    slow_crop = crop_params(h, w, self.crop_size, self.train, rng, crop_idx, self.num_crops)
+                    out["slow"] = crop_clip(frames[:: self.spec.alpha], slow_crop, self.crop_size)
                 views += 1
                 yield out
 
@@ -248,7 +250,7 @@ class PyAVLoader:
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self._batches = epoch, 0
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self._batches}

@@ -35,7 +35,7 @@ class SyntheticLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self._batches = epoch, 0
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self._batches}

@@ -1,0 +1,168 @@
+"""`loader` suite: loader-only clips/s for each backend and for the references.
+
+Every configuration turns the same videos into training clips (random
+window of 64 frames, 16 fast frames, random short-side jitter + 224 crop +
+flip) with the same number of worker processes, side by side in one run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from benchmarks import references
+from benchmarks.common import cores, ratio, repeat_rates, write_result
+from loaders import build_loader
+from loaders.common import ClipSpec, resolve_shards
+
+BATCH = 8
+CROP = 224
+
+
+class _RefClips(torch.utils.data.Dataset):
+    """(source, frame_ids, fps) items through one reference decoder."""
+
+    def __init__(self, items, fn, epoch):
+        self.items, self.fn, self.epoch = items, fn, epoch
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        src, n, fps = self.items[i]
+        if isinstance(src, tuple):  # (tar, offset, size): a shard member, read as the loader would
+            with open(src[0], "rb") as f:
+                f.seek(src[1])
+                src = f.read(src[2])
+        rng = np.random.default_rng([self.epoch, i])
+        spec = ClipSpec()
+        ids = spec.frame_ids(spec.starts(n, True, rng)[0], n)
+        out = self.fn(src, ids, fps, CROP, rng)
+        return out if isinstance(out, torch.Tensor) else torch.tensor(out)
+
+
+def _shard_items(shards) -> list:
+    items = []
+    for tar in resolve_shards(shards).tars:
+        with tarfile.open(tar) as t:
+            members = {m.name: m for m in t}
+            for name, m in members.items():
+                if name.endswith(".json"):
+                    info = json.loads(t.extractfile(m).read())
+                    key = name[:-5]
+                    video = next(members[key + "." + e] for e in ("mp4", "webm", "mkv") if key + "." + e in members)
+                    items.append(((tar, video.offset_data, video.size), info["num_frames"], info["fps"]))
+    return items
+
+
+def _file_items(videos: Path) -> list:
+    items = []
+    for p in sorted(videos.iterdir()):
+        if p.suffix.lower() not in {".mp4", ".avi", ".mkv", ".webm", ".mov"}:
+            continue
+        with av.open(str(p)) as c:
+            s = c.streams.video[0]
+            n = s.frames or sum(1 for _ in c.decode(s))
+            items.append((str(p), n, float(s.average_rate)))
+    return items
+
+
+def _rate_loader(make, epochs: int) -> float:
+    loader = make()
+    clips, t = 0, time.perf_counter()
+    for e in range(epochs):
+        loader.set_epoch(e)
+        for b in loader:
+            clips += b["fast"].shape[0]
+    return clips / (time.perf_counter() - t)
+
+
+def _rate_reference(items, fn, workers: int, epochs: int) -> float:
+    clips, t = 0, time.perf_counter()
+    for e in range(epochs):
+        loader = torch.utils.data.DataLoader(_RefClips(items, fn, e), batch_size=BATCH, shuffle=True,
+                                             num_workers=workers, worker_init_fn=lambda _: torch.set_num_threads(1))
+        for b in loader:
+            clips += b.shape[0]
+    return clips / (time.perf_counter() - t)
+
+
+def _pack(videos: Path, out: Path, codec: str, copies: int) -> Path:
+    from shard_tools.make_shards import main as make_shards
+    src = out / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for i in range(copies if not any(src.iterdir()) else 0):
+        for p in sorted(videos.iterdir()):
+            if p.is_file() and p.suffix.lower() in {".mp4", ".avi", ".mkv", ".webm", ".mov"}:
+                os.symlink(p.resolve(), src / f"{i:02d}_{p.name}")
+    dest = out / codec
+    rc = make_shards([str(src), str(dest), "--quiet", "--codec", codec, "--samples-per-shard", "16"])
+    if rc != 0:
+        raise SystemExit(f"benchmarks loader: packing {videos} failed (exit {rc})")
+    return dest
+
+
+def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str | None = None,
+        workers: int | None = None) -> Path:
+    workers = workers or cores()
+    copies = 2 if quick else 8
+    epochs = 1 if quick else 2
+    repeats = 1 if quick else 3
+    tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    h264 = shards or str(_pack(videos, tmp, "h264", copies))
+    vp9 = str(_pack(videos, tmp, "vp9", copies)) if device == "cpu" else None
+    shard_items = _shard_items(h264)
+    file_items = _file_items(videos) * copies
+    common = dict(batch_size=BATCH, crop_size=CROP, device=device, train=True)
+    configs = {
+        "pyav": lambda: _rate_loader(lambda: build_loader(h264, backend="pyav", num_workers=workers, **common),
+                                     epochs),
+        "synthetic": lambda: _rate_loader(lambda: build_loader(h264, backend="synthetic", **common), epochs),
+        "slowfast_style_original_files": lambda: _rate_reference(file_items, references.slowfast_style, workers,
+                                                                 epochs),
+        "slowfast_style_same_shards": lambda: _rate_reference(shard_items, references.slowfast_style, workers,
+                                                              epochs),
+        "codec_limit_same_shards": lambda: _rate_reference(shard_items, references.codec_limit, workers, epochs),
+    }
+    notes = []
+    try:
+        import decord  # noqa: F401
+        configs["decord_style_same_shards"] = lambda: _rate_reference(shard_items, references.decord_style,
+                                                                      workers, epochs)
+    except ImportError:
+        notes.append("decord (pip install decord2) is not installed: no mmaction2-style reference")
+    try:
+        import nvidia.dali  # noqa: F401
+        dali_shards = h264 if device == "cuda" else vp9
+        name = "dali_mixed_h264" if device == "cuda" else "dali_cpu_vp9"
+        configs[name] = lambda: _rate_loader(
+            lambda: build_loader(dali_shards, backend="dali", num_workers=workers, **common), epochs)
+    except ImportError:
+        notes.append("nvidia-dali is not installed: no dali figure")
+    try:
+        results = repeat_rates(configs, repeats)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for r in results.values():
+        r["per_core"] = r["median"] / workers
+    ratios = {
+        "pyav_over_slowfast_style": ratio(results, "pyav", "slowfast_style_original_files"),
+        "pyav_over_slowfast_style_same_shards": ratio(results, "pyav", "slowfast_style_same_shards"),
+        "pyav_over_codec_limit": ratio(results, "pyav", "codec_limit_same_shards"),
+    }
+    if "decord_style_same_shards" in results:
+        ratios["pyav_over_decord"] = ratio(results, "pyav", "decord_style_same_shards")
+    settings = {"videos": str(videos), "copies": copies, "clips_per_epoch": len(shard_items), "epochs": epochs,
+                "repeats": repeats, "workers": workers, "batch_size": BATCH, "crop": CROP, "tau": 8, "alpha": 2,
+                "slow_frames": 8, "device": device,
+                "goals": {"pyav_over_slowfast_style": 4, "pyav_over_slowfast_style_same_shards": 1.5,
+                          "pyav_over_codec_limit": 0.8, "pyav_over_decord": 1.0}}
+    return write_result(out, "loader", settings, results, ratios, "clips/s", notes)

@@ -1,0 +1,258 @@
+"""The method: encoders, heads, fused bank loss vs a plain reference, DDP, ICM, vthcl.train."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from tests.conftest import REPO
+from vthcl.icm import icm
+from vthcl.memory import MemoryBank, ShardedMemoryBank
+from vthcl.model import VTHCL
+
+
+# ----------------------------------------------------------------------------- model
+@pytest.mark.parametrize("arch,expansion", [("r18", 1), ("r50", 4)])
+def test_pathways_shapes_and_levels(arch, expansion):
+    model = VTHCL(arch, width=8, levels=3)
+    slow, fast = torch.randn(2, 3, 8, 64, 64), torch.randn(2, 3, 16, 64, 64)
+    sm, fm = model.maps(slow, fast)
+    for i, lvl in enumerate(("res3", "res4", "res5")):
+        assert sm[lvl].shape == (2, 8 * 2 ** (i + 1) * expansion, 8, 8 // 2 ** i, 8 // 2 ** i)
+        assert fm[lvl].shape == (2, 1 * 2 ** (i + 1) * expansion, 16, 8 // 2 ** i, 8 // 2 ** i)  # β = 1/8
+    q = model(slow, fast)
+    assert q.shape == (3, 2, 2, 128)
+    assert torch.allclose(q.norm(dim=-1), torch.ones(3, 2, 2), atol=1e-5)
+    # temporal kernels: slow res2/res3 are 1 (no temporal mixing), res4/res5 3; fast 3 everywhere
+    conv_a = {name: m.kernel_size[0] for name, m in model.slow.named_modules() if name.endswith(".a")}
+    assert {k for n, k in conv_a.items() if n.startswith(("res2", "res3"))} == {1}
+    assert {k for n, k in conv_a.items() if n.startswith(("res4", "res5"))} == {3}
+    assert {m.kernel_size[0] for n, m in model.fast.named_modules() if n.endswith(".a")} == {3}
+    assert VTHCL(arch, 8, levels=1).level_names == ("res5",)
+
+
+def test_head_dense_equals_pooled_head_on_constant_maps():
+    model = VTHCL("r18", width=8)
+    head = model.heads["slow_res5"]
+    x = torch.randn(2, 64)
+    fmap = x[:, :, None, None, None].expand(2, 64, 2, 3, 3)
+    assert torch.allclose(head.dense(fmap)[:, :, 1, 2, 0], head(x), atol=1e-5)
+
+
+def test_icm_shapes():
+    model = VTHCL("r18", width=8).eval()
+    maps = icm(model, torch.randn(1, 3, 8, 64, 64), torch.randn(1, 3, 16, 64, 64))
+    assert set(maps) == {"res3", "res4", "res5"}
+    assert maps["res5"]["slow"].shape == (1, 8, 2, 2) and maps["res5"]["fast"].shape == (1, 16, 2, 2)
+    assert float(maps["res3"]["fast"].abs().max()) <= 1 + 1e-5  # cosines
+
+
+# ----------------------------------------------------------------------------- loss
+def reference_loss(banks, q, index, negatives, T, weights):
+    """The plain formula: loops over levels and directions, separate gathers."""
+    total, per_level = 0.0, []
+    for k in range(q.shape[0]):
+        level = 0.0
+        for p in (0, 1):  # query pathway p against the other pathway's bank
+            other = banks[k, 1 - p]
+            pos = (q[k, p] * other[index]).sum(-1, keepdim=True)
+            neg = q[k, p] @ other[negatives].t()
+            logits = torch.cat([pos, neg], 1) / T
+            level = level + F.cross_entropy(logits, torch.zeros(len(index), dtype=torch.long))
+        per_level.append(level)
+        total = total + weights[k] * level
+    return total, torch.stack(per_level)
+
+
+def reference_update(banks, q, index, m):
+    banks = banks.clone()
+    for k in range(q.shape[0]):
+        for p in (0, 1):
+            for j, i in enumerate(index.tolist()):
+                banks[k, p, i] = F.normalize(m * banks[k, p, i] + (1 - m) * q[k, p, j], dim=0)
+    return banks
+
+
+@pytest.mark.parametrize("levels,weights", [(3, None), (2, [0.5, 2.0]), (1, None)])
+def test_fused_loss_equals_reference(levels, weights):
+    torch.manual_seed(0)
+    bank = MemoryBank(50, levels=levels, dim=16, num_negatives=20, level_weights=weights, seed=3)
+    q = F.normalize(torch.randn(levels, 2, 6, 16), dim=-1).requires_grad_(True)
+    index = torch.tensor([3, 7, 11, 0, 49, 20])
+    neg = bank.sample_negatives()
+    loss, per_level = bank.loss(q, index, neg)
+    loss.backward()
+    grad = q.grad.clone()
+    q.grad = None
+    start = bank.banks.clone()
+    ref, ref_levels = reference_loss(start, q, index, neg, 0.07, weights or [1.0] * levels)
+    ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-5) and torch.allclose(per_level, ref_levels, atol=1e-5)
+    assert torch.allclose(grad, q.grad, atol=1e-6)
+    bank.update(q.detach(), index)
+    assert torch.allclose(bank.banks, reference_update(start, q.detach(), index, 0.5), atol=1e-6)
+    assert torch.allclose(bank.banks.norm(dim=-1), torch.ones(levels, 2, 50), atol=1e-5)
+
+
+def test_bank_basics():
+    with pytest.warns(UserWarning, match="using 9"):
+        bank = MemoryBank(10, num_negatives=16384)
+    assert bank.num_negatives == 9
+    assert torch.allclose(bank.banks.norm(dim=-1), torch.ones(3, 2, 10), atol=1e-5)
+    bf = MemoryBank(10, num_negatives=4, dtype=torch.bfloat16)
+    q = F.normalize(torch.randn(3, 2, 2, 128), dim=-1)
+    loss, _ = bf.loss(q, torch.tensor([1, 2]))
+    assert torch.isfinite(loss) and bf.banks.dtype == torch.bfloat16
+    bf.update(q, torch.tensor([1, 2]))
+    # positive from the current batch: the other pathway's feature
+    batch = MemoryBank(10, num_negatives=4, positive="batch")
+    neg = batch.sample_negatives()
+    loss, _ = batch.loss(q, torch.tensor([1, 2]), neg)
+    pos = (q * q.flip(1)).sum(-1, keepdim=True)
+    negl = q @ batch.banks.flip(1)[:, :, neg].transpose(-1, -2)
+    logits = torch.cat([pos, negl], -1) / 0.07
+    assert torch.allclose(loss, (torch.logsumexp(logits, -1) - logits[..., 0]).mean(-1).sum(), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- DDP
+def _ddp_worker(rank, world, init, result_path, sharded):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(100 + rank)
+    cls = ShardedMemoryBank if sharded else MemoryBank
+    bank = cls(40, levels=2, dim=8, num_negatives=12, seed=5)
+    out = {"losses": [], "index": [], "q": []}
+    for step in range(3):
+        B = 4 if rank == 0 else 3  # unequal batches (a last partial batch)
+        q = F.normalize(torch.randn(2, 2, B, 8), dim=-1)
+        index = torch.randint(0, 40, (B,))
+        if sharded:
+            neg = bank.sample_negatives()
+            loss, _ = bank.loss(q, index, neg)
+            all_neg = [torch.empty_like(neg) for _ in range(world)]
+            dist.all_gather(all_neg, neg)
+            out["losses"].append((float(loss), torch.cat(all_neg)))
+        bank.update(q, index)
+        out["q"].append(q)
+        out["index"].append(index)
+    out["banks"] = bank.banks
+    out["rows"] = (getattr(bank, "lo", 0), getattr(bank, "hi", 40))
+    torch.save(out, f"{result_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def _run_ddp(sharded: bool, tmp_path):
+    init = f"file://{tmp_path}/init_{int(sharded)}"
+    mp.spawn(_ddp_worker, args=(2, init, str(tmp_path / "r"), sharded), nprocs=2, join=True)
+    return [torch.load(f"{tmp_path}/r.{r}") for r in range(2)]
+
+
+def test_ddp_banks_identical_on_every_rank(tmp_path):
+    r0, r1 = _run_ddp(False, tmp_path)
+    assert torch.equal(r0["banks"], r1["banks"])
+    # and equal to one process updating with the concatenated global batches
+    single = MemoryBank(40, levels=2, dim=8, num_negatives=12, seed=5)
+    for s in range(3):
+        single.update(torch.cat([r0["q"][s], r1["q"][s]], 2), torch.cat([r0["index"][s], r1["index"][s]]))
+    assert torch.allclose(single.banks, r0["banks"], atol=1e-6)
+
+
+def test_sharded_banks_hold_their_rows_and_match_the_full_bank(tmp_path):
+    r0, r1 = _run_ddp(True, tmp_path)
+    assert r0["rows"] == (0, 20) and r1["rows"] == (20, 40)
+    assert r0["banks"].shape[2] == 20
+    full = MemoryBank(40, levels=2, dim=8, num_negatives=12, seed=5)
+    for s in range(3):
+        for r in (r0, r1):  # the loss each rank computed, against the full bank with all ranks' negatives
+            loss, negs = r["losses"][s]
+            ref, _ = reference_loss(full.banks, r["q"][s], r["index"][s], negs, 0.07, [1.0, 1.0])
+            assert abs(loss - float(ref)) < 1e-4
+        full.update(torch.cat([r0["q"][s], r1["q"][s]], 2), torch.cat([r0["index"][s], r1["index"][s]]))
+    assert torch.allclose(torch.cat([r0["banks"], r1["banks"]], 2), full.banks, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- vthcl.train
+TRAIN = ["--backend", "pyav", "--batch-size", "2", "--crop-size", "32", "--width", "8", "--epochs", "2",
+         "--num-negatives", "3", "--no-progress", "--num-workers", "0", "--seed", "1", "--no-tensorboard"]
+
+
+def _train(out, *args):
+    from vthcl.train import main
+    assert main(["--out", str(out), *args]) == 0
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def test_three_steps_on_real_video_shards_and_exact_resume(h264_shards, tmp_path):
+    data = ["--data", str(h264_shards)]
+    straight = _train(tmp_path / "a", *data, *TRAIN, "--max-steps", "6")
+    first = _train(tmp_path / "b", *data, *TRAIN, "--max-steps", "3")
+    assert [m["step"] for m in first] == [1, 2, 3]
+    for m in first:
+        assert {"step", "epoch", "loss", "loss_res3", "loss_res4", "loss_res5", "lr", "clips_per_s",
+                "data_wait"} <= set(m)
+        assert m["loss"] == pytest.approx(m["loss_res3"] + m["loss_res4"] + m["loss_res5"], rel=1e-5)
+    resumed = _train(tmp_path / "b", *data, *TRAIN, "--max-steps", "6", "--resume")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in resumed[3:]] == [m["loss"] for m in straight[3:]]
+    assert [m["epoch"] for m in straight] == [0, 0, 0, 1, 1, 1]  # 5 videos, batch 2: 3 steps an epoch
+    ck = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert ck["step"] == 6 and ck["bank"]["banks"].shape == (3, 2, 5, 128)
+    slow = torch.load(tmp_path / "b" / "slow_encoder.pt")
+    from vthcl.model import Pathway
+    Pathway("r18", 8).load_state_dict(slow)
+
+
+def test_lr_schedule_and_config_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("backend: synthetic\nnum_videos: 16\nbatch_size: 4\ncrop_size: 16\nwidth: 8\nepochs: 1\n"
+                   "num_negatives: 5\nlevels: 2\ntensorboard: false\nprogress: false\n")
+    metrics = _train(tmp_path / "o", "--config", str(cfg))
+    assert len(metrics) == 4 and set(metrics[0]) >= {"loss_res4", "loss_res5"} and "loss_res3" not in metrics[0]
+    lrs = [m["lr"] for m in metrics]
+    base = 0.03 * 4 / 256
+    assert lrs == pytest.approx([base * 0.5 * (1 + torch.cos(torch.tensor(3.14159265 * s / 4)).item())
+                                 for s in range(1, 5)], rel=1e-4)
+
+
+def test_nonfinite_losses_stop_with_a_message(tmp_path):
+    from vthcl.train import main
+    with pytest.raises(SystemExit, match="non-finite"):
+        main(["--out", str(tmp_path), "--backend", "synthetic", "--num-videos", "8", "--batch-size", "4",
+              "--crop-size", "16", "--width", "8", "--temperature", "0", "--max-nonfinite", "2", "--no-progress",
+              "--no-tensorboard", "--num-negatives", "3"])
+
+
+def test_missing_or_empty_dataset_is_a_clear_error(tmp_path):
+    from vthcl.train import main
+    with pytest.raises(SystemExit, match="error"):
+        main(["--out", str(tmp_path / "o"), "--data", str(tmp_path / "nothing"), "--no-progress"])
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps({"shards": [], "total_samples": 0}))
+    with pytest.raises(SystemExit, match="no samples"):
+        main(["--out", str(tmp_path / "o"), "--data", str(tmp_path / "m" / "manifest.json"), "--no-progress"])
+
+
+def test_torchrun_two_ranks_gloo(tmp_path):
+    """The same command under torchrun: 2 CPU processes, gloo, global batch split."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}",
+           "-m", "vthcl.train", "--backend", "synthetic", "--num-videos", "12", "--batch-size", "4",
+           "--crop-size", "16", "--width", "8", "--max-steps", "3", "--num-negatives", "5", "--no-progress",
+           "--no-tensorboard", "--device", "cpu", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert "2 rank(s) x batch 2" in r.stderr

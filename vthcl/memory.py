@@ -1,0 +1,191 @@
+"""Memory banks and the fused hierarchical contrastive loss of VTHCL.
+
+Per hierarchy level k there is a slow bank and a fast bank of n x d unit
+vectors (n = videos, d = 128), stored together as one tensor
+``banks[level, pathway, n, d]`` (pathway 0 = slow, 1 = fast). With the
+features ``q[level, pathway, B, d]`` of a batch whose videos are ``index``:
+
+    h(x, y) = x . y / T                                (cosine: unit vectors)
+    L_s^k   = CE([h(q_s, bank_f[i]), h(q_s, bank_f[neg])], 0)   slow query vs fast bank
+    L_f^k   = CE([h(q_f, bank_s[i]), h(q_f, bank_s[neg])], 0)   fast query vs slow bank
+    L       = sum_k  w_k (L_s^k + L_f^k)               (w_k = λ^k; default 1)
+
+with N negatives ``neg`` drawn uniformly per step (shared by the batch, the
+levels and both directions). After the step, ``bank[i] <- normalise(m *
+bank[i] + (1 - m) * q)`` with m = 0.5 (lemniscate/CMC).
+
+The hot path is fused: one gather of [positives; negatives] from all banks,
+one batched matmul over levels x directions, one scatter for the update —
+no Python loop over levels. ``positive="batch"`` takes the positive from the
+other pathway's current feature instead of its bank entry (an option; the
+paper uses the bank).
+
+Under DDP (``torch.distributed`` initialised) the update gathers every rank's
+features and indices first, so all ranks hold identical banks.
+:class:`ShardedMemoryBank` keeps only n/world_size rows per rank for
+internet-scale n.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather_cat(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along ``dim`` (no gradient)."""
+    if not _dist():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+def all_gather_varlen(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """all_gather_cat for ranks whose sizes along ``dim`` differ (last partial batch)."""
+    if not _dist():
+        return x
+    size = torch.tensor([x.shape[dim]], device=x.device)
+    sizes = all_gather_cat(size).tolist()
+    pad = max(sizes) - x.shape[dim]
+    if pad:
+        shape = list(x.shape)
+        shape[dim] = pad
+        x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+    full = all_gather_cat(x, dim)
+    chunks = full.split(max(sizes), dim=dim)
+    return torch.cat([c.narrow(dim, 0, s) for c, s in zip(chunks, sizes)], dim=dim)
+
+
+class MemoryBank(torch.nn.Module):
+    def __init__(self, num_videos: int, levels: int = 3, dim: int = 128, num_negatives: int = 16384,
+                 temperature: float = 0.07, momentum: float = 0.5, level_weights=None, dtype=torch.float32,
+                 positive: str = "bank", seed: int = 0):
+        super().__init__()
+        if num_videos < 2:
+            raise ValueError(f"a memory bank needs at least 2 videos, got {num_videos}")
+        if num_negatives > num_videos - 1:
+            warnings.warn(f"num_negatives {num_negatives} > videos - 1 = {num_videos - 1}: using {num_videos - 1}",
+                          stacklevel=2)
+            num_negatives = num_videos - 1
+        if positive not in ("bank", "batch"):
+            raise ValueError("positive must be 'bank' (paper) or 'batch'")
+        self.num_videos, self.levels, self.dim = num_videos, levels, dim
+        self.num_negatives, self.temperature, self.momentum = num_negatives, temperature, momentum
+        self.positive = positive
+        weights = [1.0] * levels if level_weights is None else [float(w) for w in level_weights]
+        if len(weights) != levels:
+            raise ValueError(f"{len(weights)} level weights for {levels} levels")
+        self.register_buffer("weights", torch.tensor(weights))
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("banks", self._init_rows(levels, num_videos, dim, g).to(dtype))
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    @staticmethod
+    def _init_rows(levels: int, rows: int, dim: int, g: torch.Generator) -> torch.Tensor:
+        return F.normalize(torch.randn(levels, 2, rows, dim, generator=g), dim=-1)
+
+    def sample_negatives(self) -> torch.Tensor:
+        return torch.randint(0, self.num_videos, (self.num_negatives,), generator=self.generator).to(
+            self.banks.device)
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, q: torch.Tensor, index: torch.Tensor, negatives: torch.Tensor | None = None):
+        """q: [levels, 2, B, d] unit features; index: [B]. Returns (total loss,
+        per-level loss [levels] = L_s^k + L_f^k, unweighted)."""
+        if negatives is None:
+            negatives = self.sample_negatives()
+        B = index.shape[0]
+        keys = self.gather(torch.cat([index, negatives])).to(q.dtype).flip(1)  # [L, 2, B+N, d]: the other bank
+        pos_keys, neg_keys = keys[:, :, :B], keys[:, :, B:]
+        if self.positive == "batch":
+            pos_keys = q.detach().flip(1)
+        pos = (q * pos_keys).sum(-1, keepdim=True)                   # [L, 2, B, 1]
+        neg = torch.matmul(q, neg_keys.transpose(-1, -2))            # [L, 2, B, N]
+        logits = torch.cat([pos, neg], dim=-1).float() / self.temperature
+        # cross entropy with the positive at 0, per level and direction
+        per = (torch.logsumexp(logits, dim=-1) - logits[..., 0]).mean(-1)  # [L, 2]
+        per_level = per.sum(1)
+        return (self.weights.to(per_level) * per_level).sum(), per_level
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.banks.index_select(2, rows)
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def update(self, q: torch.Tensor, index: torch.Tensor) -> None:
+        """bank[i] <- normalise(m bank[i] + (1 - m) q), for every rank's batch."""
+        q = all_gather_varlen(q.detach(), dim=2)
+        index = all_gather_varlen(index, dim=0)
+        new = self.banks.index_select(2, index).float().mul_(self.momentum).add_(q.float(), alpha=1 - self.momentum)
+        self.banks.index_copy_(2, index, F.normalize(new, dim=-1).to(self.banks.dtype))
+
+    def forward(self, q: torch.Tensor, index: torch.Tensor):
+        return self.loss(q, index)
+
+
+class ShardedMemoryBank(MemoryBank):
+    """Banks sharded across ranks: rank r owns rows [r*n/W, (r+1)*n/W).
+
+    * negatives: each rank draws N/W rows of its own shard; their keys are
+      all-gathered, so every rank scores its queries against all N;
+    * positives: each rank looks up the rows it owns for the whole global
+      batch; an all-reduce (sum) gives every rank every positive;
+    * update: every rank sees the global batch (all-gather) and writes the
+      rows it owns.
+
+    Memory per rank is n/W x d per bank; traffic per step is N x d keys plus
+    the global batch's features. With one process it equals MemoryBank.
+    """
+
+    def __init__(self, num_videos: int, *args, **kwargs):
+        super().__init__(num_videos, *args, **kwargs)
+        world = dist.get_world_size() if _dist() else 1
+        rank = dist.get_rank() if _dist() else 0
+        self.world, self.rank = world, rank
+        self.lo = (num_videos * rank) // world
+        self.hi = (num_videos * (rank + 1)) // world
+        self.banks = self.banks[:, :, self.lo:self.hi].clone()  # the same rows the full bank would hold
+        self.local_negatives = math.ceil(self.num_negatives / world)
+        self.generator.manual_seed(self.generator.initial_seed() + 7919 * rank)
+
+    def sample_negatives(self) -> torch.Tensor:
+        return torch.randint(self.lo, self.hi, (self.local_negatives,), generator=self.generator).to(
+            self.banks.device)
+
+    def _owned(self, rows: torch.Tensor):
+        mine = (rows >= self.lo) & (rows < self.hi)
+        return mine, (rows - self.lo).clamp(0, self.hi - self.lo - 1)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows [index; negatives]: positives by owner lookup + all-reduce, negatives all-gathered."""
+        B = rows.shape[0] - self.local_negatives
+        index, neg = rows[:B], rows[B:]
+        global_index = all_gather_varlen(index, 0)
+        mine, local = self._owned(global_index)
+        pos = self.banks.index_select(2, local).float() * mine.view(1, 1, -1, 1)
+        if _dist():
+            dist.all_reduce(pos)
+            sizes = all_gather_cat(torch.tensor([B], device=rows.device)).tolist()
+            start = sum(sizes[: self.rank])
+            pos = pos[:, :, start:start + B]
+        negk = all_gather_cat(self.banks.index_select(2, neg - self.lo).float(), dim=2)
+        return torch.cat([pos, negk], dim=2)
+
+    @torch.no_grad()
+    def update(self, q: torch.Tensor, index: torch.Tensor) -> None:
+        q = all_gather_varlen(q.detach(), dim=2)
+        index = all_gather_varlen(index, dim=0)
+        mine, local = self._owned(index)
+        if mine.any():
+            rows, qm = local[mine], q[:, :, mine]
+            new = self.banks.index_select(2, rows).float().mul_(self.momentum).add_(qm.float(),
+                                                                                     alpha=1 - self.momentum)
+            self.banks.index_copy_(2, rows, F.normalize(new, dim=-1).to(self.banks.dtype))
