@@ -1,6 +1,6 @@
 """Run benchmark suites and write DIR/<suite>.json and DIR/<suite>.png.
 
-    python -m benchmarks.run --suite shards --videos ../shared/data/videos --out benchmarks/results/cpu
+    python -m benchmarks.run --suite all --videos ../shared/data/videos --shards SHARDS --out benchmarks/results/cpu
 """
 from __future__ import annotations
 
@@ -9,7 +9,25 @@ import json
 import sys
 from pathlib import Path
 
-SUITES = ["loader", "shards"]
+SUITES = ["loader", "step", "e2e", "loss", "shards"]
+NEEDS = {"loader": ["videos"], "e2e": ["shards"], "shards": ["videos"]}
+
+
+def run_suite(suite: str, args, out: Path) -> Path:
+    if suite == "loader":
+        from benchmarks import loader
+        return loader.run(Path(args.videos), out, args.quick, args.device, args.shards, args.workers)
+    if suite == "step":
+        from benchmarks import step
+        return step.run(out, args.quick, args.device)
+    if suite == "e2e":
+        from benchmarks import e2e
+        return e2e.run(out, args.shards, args.quick, args.device, args.workers)
+    if suite == "loss":
+        from benchmarks import loss
+        return loss.run(out, args.quick, args.device)
+    from benchmarks import shards
+    return shards.run(Path(args.videos), out, args.quick, workers=args.workers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,16 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     suites = SUITES if args.suite == "all" else [args.suite]
     for suite in suites:
-        if suite == "loader":
-            if not args.videos:
-                p.error("--suite loader needs --videos SRC (and packs them itself unless --shards is given)")
-            from benchmarks import loader
-            path = loader.run(Path(args.videos), out, args.quick, args.device, args.shards, args.workers)
-        elif suite == "shards":
-            if not args.videos:
-                p.error("--suite shards needs --videos SRC")
-            from benchmarks import shards
-            path = shards.run(Path(args.videos), out, args.quick, workers=args.workers)
+        missing = [f"--{n}" for n in NEEDS.get(suite, []) if not getattr(args, n)]
+        if missing:
+            if args.suite != "all":
+                p.error(f"--suite {suite} needs {' '.join(missing)}")
+            print(f"{suite}: skipped (needs {' '.join(missing)})", file=sys.stderr)
+            continue
+        path = run_suite(suite, args, out)
         doc = json.loads(Path(path).read_text())
         print(f"{suite}: {json.dumps(doc['ratios'])} -> {path}")
     return 0

@@ -267,7 +267,12 @@ def run(args: argparse.Namespace) -> int:
         short_side=None if copy else (256 if args.short_side is None else args.short_side),
         gop=args.gop, crf=args.crf, preset=args.preset,
         threads=max(1, _cores() // max(1, workers)), min_frames=args.min_frames)
-    layout, samples, classes = discover(args.src, args.layout, args.annotations, args.split_file, args.split)
+    ignored: list[str] = []
+    layout, samples, classes = discover(args.src, args.layout, args.annotations, args.split_file, args.split,
+                                        ignored)
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else "")
+        print(f"make_shards: not videos, left out: {len(ignored)} file(s) ({shown})", file=sys.stderr)
     if args.unlabeled:
         samples = [Sample(s.key, s.source, s.path, -1, "") for s in samples]
         classes = []

@@ -24,6 +24,9 @@ import re
 from dataclasses import dataclass
 
 UNLABELED = -1
+# documents and annotations that sit beside videos (README.md, classInd.txt, ...): named, not packed
+NOT_VIDEO = {".md", ".txt", ".csv", ".json", ".jsonl", ".xml", ".yaml", ".yml", ".pdf", ".html", ".py", ".sh",
+             ".zip", ".tar", ".rar", ".idx"}
 
 
 class UsageError(Exception):
@@ -54,11 +57,19 @@ def _rel(path: str, src: str) -> str:
     return os.path.relpath(path, src).replace(os.sep, "/")
 
 
-def _walk_files(root: str) -> list[str]:
+def _walk_files(root: str, ignored: list[str] | None = None) -> list[str]:
+    """Every file under root but hidden ones; documents (NOT_VIDEO) go to ``ignored``."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            if os.path.splitext(f)[1].lower() in NOT_VIDEO:
+                if ignored is not None:
+                    ignored.append(_rel(os.path.join(dirpath, f), root))
+                continue
+            out.append(os.path.join(dirpath, f))
     return out
 
 
@@ -153,13 +164,14 @@ def _split_filter(split_files: list[str], split: str | None) -> set[str]:
     return selected
 
 
-def folders(src: str, split_files: list[str] | None = None, split: str | None = None) -> tuple[list[Sample], list[str]]:
+def folders(src: str, split_files: list[str] | None = None, split: str | None = None,
+            ignored: list[str] | None = None) -> tuple[list[Sample], list[str]]:
     entries = sorted(e for e in os.listdir(src) if not e.startswith("."))
     class_dirs = [e for e in entries if os.path.isdir(os.path.join(src, e))]
     classes = _class_ids(class_dirs)
     wanted = _split_filter(split_files, split) if split_files else None
     samples = []
-    for path in _walk_files(src):
+    for path in _walk_files(src, ignored):
         source = _rel(path, src)
         top = source.split("/", 1)[0]
         if wanted is not None and source not in wanted and os.path.basename(source) not in wanted:
@@ -184,8 +196,10 @@ def detect_layout(src: str, annotations: str | None) -> str:
 
 
 def discover(src: str, layout: str = "auto", annotations: str | None = None,
-             split_files: list[str] | None = None, split: str | None = None) -> tuple[str, list[Sample], list[str]]:
-    """Return (layout, samples, class names) for SRC."""
+             split_files: list[str] | None = None, split: str | None = None,
+             ignored: list[str] | None = None) -> tuple[str, list[Sample], list[str]]:
+    """Return (layout, samples, class names) for SRC; documents found beside the
+    videos (README.md, ...) are listed in ``ignored``."""
     if not os.path.isdir(src):
         raise UsageError(f"SRC {src} is not a folder")
     if layout == "auto":
@@ -197,7 +211,7 @@ def discover(src: str, layout: str = "auto", annotations: str | None = None,
     elif layout == "csv":
         samples, classes = csv_layout(src, annotations)
     elif layout == "folders":
-        samples, classes = folders(src, split_files, split)
+        samples, classes = folders(src, split_files, split, ignored)
     else:
         raise UsageError(f"unknown --layout {layout}")
     keys = {}

@@ -225,7 +225,7 @@ def test_nonfinite_losses_stop_with_a_message(tmp_path):
     from vthcl.train import main
     with pytest.raises(SystemExit, match="non-finite"):
         main(["--out", str(tmp_path), "--backend", "synthetic", "--num-videos", "8", "--batch-size", "4",
-              "--crop-size", "16", "--width", "8", "--temperature", "0", "--max-nonfinite", "2", "--no-progress",
+              "--crop-size", "16", "--width", "8", "--temperature", "1e-45", "--max-nonfinite", "2", "--no-progress",
               "--no-tensorboard", "--num-negatives", "3"])
 
 

@@ -146,6 +146,7 @@ def bad_tree(videos, tmp_path) -> Path:
     (src / "bad" / "notes.mp4").write_text("this is not a video\n")
     media.write_audio_only(src / "bad" / "audio.mp4")
     os.symlink(src / "nowhere.mp4", src / "bad" / "dangling.mp4")
+    (src / "README.md").write_text("# my videos\n")  # a document beside the videos: named, not packed
     return src
 
 
@@ -167,7 +168,9 @@ def test_bad_inputs_reported_and_run_goes_on(bad_tree, tmp_path, capsys):
     assert "too short" in failed["good/part_0.mp4"] and "33 frames" in failed["good/part_0.mp4"]
     packed = tar_samples(out)
     assert [json.loads(m["json"])["source"] for m in packed.values()] == ["good/test.avi"]
-    assert "1 packed, 7 failed" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "1 packed, 7 failed" in captured.out
+    assert "not videos, left out: 1 file(s) (README.md)" in captured.err
 
 
 def test_kinetics_layout_with_missing_rows(videos, tmp_path):

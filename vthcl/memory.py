@@ -14,9 +14,10 @@ with N negatives ``neg`` drawn uniformly per step (shared by the batch, the
 levels and both directions). After the step, ``bank[i] <- normalise(m *
 bank[i] + (1 - m) * q)`` with m = 0.5 (lemniscate/CMC).
 
-The hot path is fused: one gather of [positives; negatives] from all banks,
-one batched matmul over levels x directions, one scatter for the update —
-no Python loop over levels. ``positive="batch"`` takes the positive from the
+The hot path is fused: one gather of the negatives from all banks, one
+batched matmul over levels x directions (forward and gradient computed in
+the same pass, see :class:`_FusedNCE`), one scatter for the update — no
+Python loop over levels. ``positive="batch"`` takes the positive from the
 other pathway's current feature instead of its bank entry (an option; the
 paper uses the bank).
 
@@ -64,6 +65,45 @@ def all_gather_varlen(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([c.narrow(dim, 0, s) for c, s in zip(chunks, sizes)], dim=dim)
 
 
+class _FusedNCE(torch.autograd.Function):
+    """NCE-softmax loss of P query sets against their keys, forward and
+    backward in one pass. q, pos: [P, B, d]; neg: [P, N, d]; returns [P] =
+    mean_b (logsumexp_j [q.pos, q.neg_j] / T - q.pos / T).
+
+    The keys carry no gradient (they are bank rows), so dL/dq is computed
+    while the logits are hot — on a CPU in batch chunks that stay in cache
+    (a GPU takes the whole batch at once) — and never stored: one batched
+    matmul for the logits and one for the gradient, over all levels and
+    directions together."""
+
+    @staticmethod
+    def forward(ctx, q, pos, neg, inv_t: float, chunk: int):
+        P, B, _ = q.shape
+        loss = q.new_zeros(P)
+        grad = torch.empty_like(q) if ctx.needs_input_grad[0] else None
+        for s in range(0, B, chunk):
+            qc, pc = q[:, s:s + chunk] * inv_t, pos[:, s:s + chunk]
+            lp = (qc * pc).sum(-1)                                # [P, c] positive logits
+            ln = torch.bmm(qc, neg.transpose(1, 2))               # [P, c, N] negative logits
+            m = torch.maximum(ln.amax(-1), lp)
+            en = ln.sub_(m.unsqueeze(-1)).exp_()                  # in place: exp(l - m)
+            ep = (lp - m).exp()
+            z = en.sum(-1) + ep
+            loss += (z.log() + m - lp).sum(-1)
+            if grad is not None:
+                en.div_(z.unsqueeze(-1))                          # softmax over the negatives
+                g = torch.bmm(en, neg).addcmul_((ep / z - 1).unsqueeze(-1), pc)
+                grad[:, s:s + chunk] = g.mul_(inv_t / B)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return loss / B
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.view(-1, 1, 1), None, None, None, None
+
+
 class MemoryBank(torch.nn.Module):
     def __init__(self, num_videos: int, levels: int = 3, dim: int = 128, num_negatives: int = 16384,
                  temperature: float = 0.07, momentum: float = 0.5, level_weights=None, dtype=torch.float32,
@@ -75,6 +115,8 @@ class MemoryBank(torch.nn.Module):
             warnings.warn(f"num_negatives {num_negatives} > videos - 1 = {num_videos - 1}: using {num_videos - 1}",
                           stacklevel=2)
             num_negatives = num_videos - 1
+        if not temperature > 0:
+            raise ValueError(f"the temperature must be positive, got {temperature}")
         if positive not in ("bank", "batch"):
             raise ValueError("positive must be 'bank' (paper) or 'batch'")
         self.num_videos, self.levels, self.dim = num_videos, levels, dim
@@ -102,21 +144,20 @@ class MemoryBank(torch.nn.Module):
         per-level loss [levels] = L_s^k + L_f^k, unweighted)."""
         if negatives is None:
             negatives = self.sample_negatives()
-        B = index.shape[0]
-        keys = self.gather(torch.cat([index, negatives])).to(q.dtype).flip(1)  # [L, 2, B+N, d]: the other bank
-        pos_keys, neg_keys = keys[:, :, :B], keys[:, :, B:]
+        L, _, B, d = q.shape
+        pos_keys, neg_keys = self.keys(index, negatives)         # [L, 2, B, d], [L, 2, N, d] (bank order)
+        queries = q.flip(1)                                       # pair each pathway's query with the other bank
         if self.positive == "batch":
-            pos_keys = q.detach().flip(1)
-        pos = (q * pos_keys).sum(-1, keepdim=True)                   # [L, 2, B, 1]
-        neg = torch.matmul(q, neg_keys.transpose(-1, -2))            # [L, 2, B, N]
-        logits = torch.cat([pos, neg], dim=-1).float() / self.temperature
-        # cross entropy with the positive at 0, per level and direction
-        per = (torch.logsumexp(logits, dim=-1) - logits[..., 0]).mean(-1)  # [L, 2]
-        per_level = per.sum(1)
+            pos_keys = q.detach()                                 # the other clip's current feature
+        chunk = B if q.is_cuda else max(1, (32 << 20) // (4 * 2 * L * neg_keys.shape[2]))
+        per = _FusedNCE.apply(queries.reshape(2 * L, B, d), pos_keys.reshape(2 * L, B, d).to(q.dtype),
+                              neg_keys.reshape(2 * L, -1, d).to(q.dtype), 1.0 / self.temperature, chunk)
+        per_level = per.view(L, 2).sum(1)
         return (self.weights.to(per_level) * per_level).sum(), per_level
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.banks.index_select(2, rows)
+    def keys(self, index: torch.Tensor, negatives: torch.Tensor):
+        """Bank rows of the batch (positives) and the negatives, for every level and pathway."""
+        return self.banks.index_select(2, index), self.banks.index_select(2, negatives)
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
@@ -164,20 +205,19 @@ class ShardedMemoryBank(MemoryBank):
         mine = (rows >= self.lo) & (rows < self.hi)
         return mine, (rows - self.lo).clamp(0, self.hi - self.lo - 1)
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows [index; negatives]: positives by owner lookup + all-reduce, negatives all-gathered."""
-        B = rows.shape[0] - self.local_negatives
-        index, neg = rows[:B], rows[B:]
+    def keys(self, index: torch.Tensor, negatives: torch.Tensor):
+        """Positives by owner lookup + all-reduce; negatives drawn per shard, all-gathered."""
+        B = index.shape[0]
         global_index = all_gather_varlen(index, 0)
         mine, local = self._owned(global_index)
         pos = self.banks.index_select(2, local).float() * mine.view(1, 1, -1, 1)
         if _dist():
             dist.all_reduce(pos)
-            sizes = all_gather_cat(torch.tensor([B], device=rows.device)).tolist()
+            sizes = all_gather_cat(torch.tensor([B], device=index.device)).tolist()
             start = sum(sizes[: self.rank])
             pos = pos[:, :, start:start + B]
-        negk = all_gather_cat(self.banks.index_select(2, neg - self.lo).float(), dim=2)
-        return torch.cat([pos, negk], dim=2)
+        neg = all_gather_cat(self.banks.index_select(2, negatives - self.lo).float(), dim=2)
+        return pos, neg
 
     @torch.no_grad()
     def update(self, q: torch.Tensor, index: torch.Tensor) -> None:

@@ -162,6 +162,27 @@ def num_videos(cfg, loader) -> int:
 
 
 # ---------------------------------------------------------------------------- train
+def train_step(forward, bank, optimizer, scaler, batch: dict, amp_dtype=None):
+    """One VTHCL step: encode both clips, the hierarchical bank loss, SGD,
+    then the bank update. A non-finite loss (on any rank) skips the update.
+    Returns (loss, per-level loss, finite)."""
+    device_type = batch["fast"].device.type
+    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        q = forward(batch["slow"], batch["fast"])
+    loss, per_level = bank.loss(q.float(), batch["index"])
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank skips together, or none does
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    optimizer.zero_grad(set_to_none=True)
+    if not bool(finite):
+        return loss.detach(), per_level.detach(), False
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    bank.update(q.detach().float(), batch["index"])
+    return loss.detach(), per_level.detach(), True
+
+
 def train(cfg) -> dict:
     rank, world, device = setup_distributed(cfg)
     main_rank = rank == 0
@@ -259,30 +280,18 @@ def train(cfg) -> dict:
         wait_before = loader.stats.wait_s
         for batch in loader:
             wait = loader.stats.wait_s - wait_before
-            slow, fast, index = batch["slow"], batch["fast"], batch["index"]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                q = forward(slow, fast)
-            loss, per_level = bank.loss(q.float(), index)
+            slow = batch["slow"]
+            loss, per_level, finite = train_step(forward, bank, optimizer, scaler, batch, amp_dtype)
+            scheduler.step()
             step += 1
-            finite = torch.isfinite(loss.detach()).float()
-            if world > 1:  # every rank skips together, or none does
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not bool(finite):
+            if finite:
+                consecutive_nonfinite = 0
+            else:
                 nonfinite_total += 1
                 consecutive_nonfinite += 1
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
                 if consecutive_nonfinite >= cfg.max_nonfinite:
                     raise SystemExit(f"vthcl.train: {consecutive_nonfinite} non-finite losses in a row at step "
                                      f"{step}: stopping (lower --lr, or try --precision fp32)")
-            else:
-                consecutive_nonfinite = 0
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                bank.update(q.detach().float(), index)
             now = time.perf_counter()
             dt, t_prev = now - t_prev, now
             wait_before = loader.stats.wait_s

@@ -1,0 +1,101 @@
+"""`step` suite: train-step clips/s on synthetic input (R18/R50, fp32 vs bf16,
+channels_last_3d on/off, torch.compile on/off); the data costs nothing here.
+
+On a GPU at the paper's settings (crop 224, 8+16 frames, N=16384, 240k-video
+banks); on a CPU a small configuration (the ratios, not the absolute figures,
+are what carry over).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import ratio, summarize, write_result
+from loaders import build_loader
+from vthcl.memory import MemoryBank
+from vthcl.model import VTHCL
+from vthcl.train import train_step
+
+AMP = {"fp32": None, "bf16": torch.bfloat16}
+
+
+class Trainer:
+    """A model, bank and optimizer as vthcl.train builds them, and its step."""
+
+    def __init__(self, arch: str, width: int, precision: str, channels_last: bool, compile: bool, device: str,
+                 num_videos: int, num_negatives: int = 16384):
+        self.device = torch.device(device)
+        model = VTHCL(arch, width).to(self.device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        self.bank = MemoryBank(num_videos, 3, 128, min(num_negatives, num_videos - 1)).to(self.device)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        self.forward = torch.compile(model) if compile else model
+        self.amp = AMP[precision]
+        self.channels_last = channels_last
+
+    def __call__(self, batch: dict) -> None:
+        if self.channels_last:
+            batch = dict(batch, slow=batch["slow"].contiguous(memory_format=torch.channels_last_3d),
+                         fast=batch["fast"].contiguous(memory_format=torch.channels_last_3d))
+        train_step(self.forward, self.bank, self.optimizer, self.scaler, batch, self.amp)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def measure_steps(trainer: Trainer, batches, warmup: int, steps: int) -> float:
+    it = iter(batches)
+    for _ in range(warmup):
+        trainer(next(it))
+    trainer.sync()
+    t, clips = time.perf_counter(), 0
+    for _ in range(steps):
+        batch = next(it)
+        trainer(batch)
+        clips += batch["fast"].shape[0]
+    trainer.sync()
+    return clips / (time.perf_counter() - t)
+
+
+def endless(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def run(out: Path, quick: bool, device: str = "cpu") -> Path:
+    gpu = device == "cuda"
+    crop, batch = (224, 32) if gpu else (64, 4)
+    width = 64 if gpu else 16
+    n = 240000 if gpu else 4096
+    warmup, steps, repeats = (5, 20, 3) if gpu else (1, 3, 2)
+    if quick:
+        steps, repeats = max(2, steps // 4), 1
+    archs = ["r18", "r50"]
+    variants = [("fp32", False, False), ("bf16", False, False), ("bf16", True, False)]
+    if gpu:
+        variants.append(("bf16", True, True))
+    results, notes = {}, []
+    for arch in archs:
+        for precision, cl, comp in variants:
+            name = f"{arch}_{precision}" + ("_cl3d" if cl else "") + ("_compile" if comp else "")
+            trainer = Trainer(arch, width, precision, cl, comp, device, n)
+            data = endless(build_loader(None, backend="synthetic", num_videos=n, batch_size=batch,
+                                        crop_size=crop, device=device))
+            results[name] = summarize([measure_steps(trainer, data, warmup, steps) for _ in range(repeats)])
+            del trainer
+    ratios = {f"{a}_bf16_cl3d_over_fp32": ratio(results, f"{a}_bf16_cl3d", f"{a}_fp32") for a in archs}
+    ratios["bf16_cl3d_over_fp32"] = ratios["r50_bf16_cl3d_over_fp32"]
+    if not gpu:
+        notes.append("CPU: a small configuration (width 16, crop 64, batch 4); torch.compile is measured on GPU only")
+    settings = {"device": device, "crop": crop, "batch_per_gpu": batch, "width": width, "num_videos": n,
+                "negatives": 16384, "warmup": warmup, "steps": steps, "repeats": repeats,
+                "goals": {"bf16_cl3d_over_fp32": {"cuda": 2.0}}}
+    return write_result(out, "step", settings, results, ratios, "clips/s (train step)", notes)

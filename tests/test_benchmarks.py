@@ -1,0 +1,58 @@
+"""Benchmark building blocks work (the figures themselves live in benchmarks/results)."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import references
+from benchmarks.shards import bare_transcode
+from loaders.common import ClipSpec
+
+
+def test_references_decode_the_clip(videos):
+    data = (videos / "test.mp4").read_bytes()
+    spec = ClipSpec()
+    ids = spec.frame_ids(100, 300)
+    rng = np.random.default_rng(0)
+    for fn in (references.slowfast_style, references.decord_style):
+        if fn is references.decord_style:
+            pytest.importorskip("decord")
+        clip = fn(data, ids, 30.0, 112, rng)
+        assert clip.shape == (16, 3, 112, 112)
+    assert references.slowfast_style(str(videos / "test.mp4"), ids, 30.0, 112, rng).shape == (16, 3, 112, 112)
+    n = references.codec_limit(data, ids, 30.0, 112, rng)
+    assert ids.max() - ids.min() + 1 <= n <= ids.max() + 1  # from the keyframe before the window to its end
+
+
+def test_bare_transcode_matches_make_shards_frame_counts(h264_shards, real_tree):
+    """FFmpeg's own fps filter and make_shards' resampler agree on frame counts
+    (within the one frame FFmpeg's filter may drop at the end of a stream)."""
+    manifest = json.loads((h264_shards / "manifest.json").read_text())
+    from tests.test_make_shards import tar_samples
+    for members in tar_samples(h264_shards).values():
+        info = json.loads(members["json"])
+        n = bare_transcode((str(real_tree / info["source"]), "h264", 30, 128, 16, 1))
+        assert abs(n - info["num_frames"]) <= 1, info["source"]
+    assert manifest["total_samples"] == 5
+
+
+def test_step_trainer_runs_on_cpu():
+    from benchmarks.step import Trainer, endless, measure_steps
+    from loaders import build_loader
+    trainer = Trainer("r18", 8, "fp32", True, False, "cpu", num_videos=32, num_negatives=8)
+    data = endless(build_loader(None, backend="synthetic", num_videos=32, batch_size=2, crop_size=32,
+                                device="cpu"))
+    before = trainer.bank.banks.clone()
+    assert measure_steps(trainer, data, warmup=1, steps=2) > 0
+    assert not torch.equal(before, trainer.bank.banks)
+
+
+def test_run_refuses_a_suite_without_its_inputs(capsys):
+    from benchmarks.run import main
+    with pytest.raises(SystemExit):
+        main(["--suite", "e2e"])
+    assert "--shards" in capsys.readouterr().err
