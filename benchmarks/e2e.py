@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import cores, ratio, summarize, write_result
-from benchmarks.step import Trainer, endless
+from benchmarks.step import Trainer, endless, measure_steps
 from loaders import build_loader, resolve_shards
 
 
@@ -27,30 +27,16 @@ def run(out: Path, shards: str, quick: bool, device: str = "cpu", workers: int |
         loader = build_loader(shards, backend=backend, batch_size=batch, crop_size=crop, device=device,
                               num_workers=workers)
         data = endless(loader)
-        trainer(next(data))  # warm-up (and the first batch's worker start-up)
-        trainer.sync()
-        wait0, t, clips = loader.stats.wait_s, time.perf_counter(), 0
-        for _ in range(steps):
-            b = next(data)
-            trainer(b)
-            clips += b["fast"].shape[0]
-        trainer.sync()
-        dt = time.perf_counter() - t
-        waits.append((loader.stats.wait_s - wait0) / dt)
-        return clips / dt
+        trainer(next(data))  # warm-up, and the first batch's worker start-up
+        wait0, t = loader.stats.wait_s, time.perf_counter()
+        rate = measure_steps(trainer, data, 0, steps)
+        waits.append((loader.stats.wait_s - wait0) / (time.perf_counter() - t))
+        return rate
 
     def synthetic():
         data = endless(build_loader(None, backend="synthetic", num_videos=n, batch_size=batch, crop_size=crop,
                                     device=device))
-        trainer(next(data))
-        trainer.sync()
-        t, clips = time.perf_counter(), 0
-        for _ in range(steps):
-            b = next(data)
-            trainer(b)
-            clips += b["fast"].shape[0]
-        trainer.sync()
-        return clips / (time.perf_counter() - t)
+        return measure_steps(trainer, data, 1, steps)
 
     runs = {f"{backend}_e2e": [], "synthetic": []}
     for _ in range(repeats):

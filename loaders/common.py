@@ -218,6 +218,37 @@ def rank_indices(total: int, rank: int, world_size: int, epoch: int = 0) -> tupl
     return idx + idx[:1] * pad, pad
 
 
+# --------------------------------------------------------------------------- epochs
+class EpochState:
+    """Epoch bookkeeping of the backends that replay an epoch exactly (pyav,
+    synthetic): ``len``, ``set_epoch`` and a state to resume mid-epoch."""
+    batch_size: int
+    drop_last: bool = False
+    epoch = _batches = _resume_batches = 0
+
+    def samples_per_epoch(self) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        n = self.samples_per_epoch()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._batches = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next iteration replays epoch ``epoch`` from batch ``batches``."""
+        self.epoch, self._resume_batches = int(state["epoch"]), int(state["batches"])
+
+    def _take_resume(self) -> int:
+        start, self._resume_batches = self._resume_batches, 0
+        self._batches = start
+        return start
+
+
 # --------------------------------------------------------------------------- stats
 @dataclass
 class LoaderStats:

@@ -211,8 +211,8 @@ class DALILoader:
             slow = slow.contiguous(memory_format=torch.channels_last_3d)
         self.stats.batches += 1
         self.stats.clips += fast.shape[0]
-        return {"slow": slow, "fast": fast, "label": batch["label"].view(-1).long(),
-                "index": batch["index"].view(-1).long(), "frame_ids": batch["frame_ids"].long()}
+        meta = {"label": batch["label"].view(-1), "index": batch["index"].view(-1), "frame_ids": batch["frame_ids"]}
+        return {"slow": slow, "fast": fast, **{k: v.long().to(self.device, non_blocking=True) for k, v in meta.items()}}
 
     def _exclude(self, tar: str, key: str, reason: str) -> None:
         """A member DALI cannot decode: count and warn, leave its sample out of a

@@ -30,8 +30,8 @@ import torch
 import webdataset as wds
 from webdataset import tariterators
 
-from loaders.common import (ClipSpec, Crop, LoaderStats, Normalizer, Shards, Timer, crop_params, rank_indices,
-                            sample_rng)
+from loaders.common import (ClipSpec, Crop, EpochState, LoaderStats, Normalizer, Shards, Timer, crop_params,
+                            rank_indices, sample_rng)
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 
@@ -217,7 +217,7 @@ class _Clips(torch.utils.data.IterableDataset):
         return iter(wds.DataPipeline(*stages))
 
 
-class PyAVLoader:
+class PyAVLoader(EpochState):
     """Iterates batches of the contract; see :func:`loaders.build_loader`."""
 
     def __init__(self, shards: Shards, spec: ClipSpec, *, batch_size: int, crop_size: int, train: bool,
@@ -238,26 +238,13 @@ class PyAVLoader:
         self.pin_memory = (self.device.type == "cuda") if pin_memory is None else pin_memory
         self.finish = Normalizer(spec.alpha, normalize, self.device, channels_last)
         self.index = SampleIndex(shards)
-        self.epoch = 0
-        self._resume_batches = self._batches = 0
         self.stats = LoaderStats()
 
     def _views(self) -> int:
         return self.num_clips * self.num_crops
 
-    def __len__(self) -> int:
-        per_rank = len(rank_indices(len(self.index), self.rank, self.world_size, self.epoch)[0]) * self._views()
-        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._batches = epoch, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self._batches}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume: the next iteration replays epoch ``epoch`` from batch ``batches``."""
-        self.epoch, self._resume_batches = int(state["epoch"]), int(state["batches"])
+    def samples_per_epoch(self) -> int:
+        return len(rank_indices(len(self.index), self.rank, self.world_size, self.epoch)[0]) * self._views()
 
     def _dataset(self, skip_samples: int) -> _Clips:
         positions, _ = rank_indices(len(self.index), self.rank, self.world_size, self.epoch)
@@ -269,9 +256,7 @@ class PyAVLoader:
         return _Clips(chunks, maker, self.shuffle_buffer, skip_samples, self.seed, self.epoch, self.rank)
 
     def __iter__(self):
-        start = self._resume_batches
-        self._resume_batches = 0
-        self._batches = start
+        start = self._take_resume()
         total = len(self)
         if start >= total:
             return

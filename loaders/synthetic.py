@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loaders.common import ClipSpec, LoaderStats, Normalizer, rank_indices, sample_rng
+from loaders.common import ClipSpec, EpochState, LoaderStats, Normalizer, rank_indices, sample_rng
 
 
-class SyntheticLoader:
+class SyntheticLoader(EpochState):
     def __init__(self, num_videos: int, spec: ClipSpec, *, batch_size: int, crop_size: int, train: bool,
                  normalize: bool, device: str, rank: int, world_size: int, seed: int, channels_last: bool,
                  num_classes: int = 10, pool_batches: int = 2, num_frames: int = 300, drop_last: bool = False,
@@ -27,29 +27,17 @@ class SyntheticLoader:
         self.pool = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).to(device)
                      for _ in range(pool_batches)]
         self.labels = torch.randint(0, num_classes, (num_videos,), generator=g)
-        self.epoch = self._batches = self._resume_batches = 0
         self.stats = LoaderStats()
 
-    def __len__(self) -> int:
-        n = len(rank_indices(self.num_videos, self.rank, self.world_size, self.epoch)[0])
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._batches = epoch, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self._batches}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._resume_batches = int(state["epoch"]), int(state["batches"])
+    def samples_per_epoch(self) -> int:
+        return len(rank_indices(self.num_videos, self.rank, self.world_size, self.epoch)[0])
 
     def __iter__(self):
         positions, _ = rank_indices(self.num_videos, self.rank, self.world_size, self.epoch)
         order = np.array(positions)
         if self.train:
             order = order[np.random.default_rng([self.seed, self.epoch, self.rank]).permutation(len(order))]
-        start, self._resume_batches = self._resume_batches, 0
-        for b in range(start, len(self)):
+        for b in range(self._take_resume(), len(self)):
             self._batches = b + 1
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             ids = np.stack([self.spec.frame_ids(

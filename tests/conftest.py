@@ -39,15 +39,18 @@ def _pack(tree: Path, out: Path, *args: str) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def h264_shards(real_tree, tmp_path_factory) -> Path:
-    return _pack(real_tree, tmp_path_factory.mktemp("h264"), "--short-side", "128", "--samples-per-shard", "2")
+def _shards(tree: str, name: str, *args: str):
+    """A session fixture: the tree fixture ``tree`` packed with make_shards ``args``."""
+    @pytest.fixture(scope="session")
+    def fixture(request, tmp_path_factory) -> Path:
+        return _pack(request.getfixturevalue(tree), tmp_path_factory.mktemp(name), *args)
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def vp9_shards(real_tree, tmp_path_factory) -> Path:
-    return _pack(real_tree, tmp_path_factory.mktemp("vp9"), "--short-side", "128", "--samples-per-shard", "2",
-                 "--codec", "vp9")
+h264_shards = _shards("real_tree", "h264", "--short-side", "128", "--samples-per-shard", "2")
+vp9_shards = _shards("real_tree", "vp9", "--short-side", "128", "--samples-per-shard", "2", "--codec", "vp9")
+coded_h264 = _shards("coded_tree", "coded_h264", "--short-side", "64", "--crf", "0")
+coded_vp9 = _shards("coded_tree", "coded_vp9", "--short-side", "64", "--codec", "vp9", "--crf", "0")
 
 
 @pytest.fixture(scope="session")
@@ -60,14 +63,3 @@ def coded_tree(tmp_path_factory) -> Path:
     media.write_coded_video(root / "long" / "coded_90.mkv", 90)
     media.write_coded_video(root / "short" / "coded_40.mkv", 40)
     return root
-
-
-@pytest.fixture(scope="session")
-def coded_h264(coded_tree, tmp_path_factory) -> Path:
-    return _pack(coded_tree, tmp_path_factory.mktemp("coded_h264"), "--short-side", "64", "--crf", "0")
-
-
-@pytest.fixture(scope="session")
-def coded_vp9(coded_tree, tmp_path_factory) -> Path:
-    return _pack(coded_tree, tmp_path_factory.mktemp("coded_vp9"), "--short-side", "64", "--codec", "vp9",
-                 "--crf", "0")

@@ -114,8 +114,9 @@ def test_same_crop_for_the_pair_and_different_crops_across_samples(backend, shar
     assert len(set(crops)) >= 6, crops  # random crops differ across samples
 
 
-def test_independent_crops_option(coded_h264):
-    _, out = batches(coded_h264, "pyav", independent_crops=True, batch_size=3)
+@pytest.mark.parametrize("backend,shards", [("pyav", "coded_h264"), ("dali", "coded_vp9")])
+def test_independent_crops_option(backend, shards, request):
+    _, out = batches(request.getfixturevalue(shards), backend, independent_crops=True, batch_size=3)
     (b,) = out
     # the same frames, but (for at least one sample) another crop
     for i in range(3):

@@ -205,21 +205,18 @@ def test_unlabeled_kinetics_test_csv_and_csv_layout(videos, tmp_path):
     src = tmp_path / "flat"
     src.mkdir()
     shutil.copy(videos / "part_0.mp4", src / "vid_000000_000010.mp4")
-    ann = tmp_path / "test.csv"
-    ann.write_text("youtube_id,time_start,time_end,split\nvid,0,10,test\n")
-    out = tmp_path / "out"
-    assert make_shards([str(src), str(out), "--annotations", str(ann), "--quiet", "--workers", "0",
-                        "--short-side", "64"]) == 0
-    (info,) = [json.loads(m["json"]) for m in tar_samples(out).values()]
-    assert info["label"] == -1 and info["label_name"] == ""
+    def pack(name: str, annotations: str) -> tuple[dict, dict]:
+        (tmp_path / name).write_text(annotations)
+        out = tmp_path / f"out_{name}"
+        assert make_shards([str(src), str(out), "--annotations", str(tmp_path / name), "--quiet", "--workers",
+                            "0", "--short-side", "64"]) == 0
+        (info,) = [json.loads(m["json"]) for m in tar_samples(out).values()]
+        return info, json.loads((out / "manifest.json").read_text())
 
-    ann2 = tmp_path / "list.csv"
-    ann2.write_text("path,label\nvid_000000_000010.mp4,\n")
-    out2 = tmp_path / "out2"
-    assert make_shards([str(src), str(out2), "--annotations", str(ann2), "--quiet", "--workers", "0",
-                        "--short-side", "64"]) == 0
-    (info,) = [json.loads(m["json"]) for m in tar_samples(out2).values()]
-    assert info["label"] == -1 and json.loads((out2 / "manifest.json").read_text())["settings"]["layout"] == "csv"
+    info, manifest = pack("test.csv", "youtube_id,time_start,time_end,split\nvid,0,10,test\n")
+    assert info["label"] == -1 and info["label_name"] == "" and manifest["settings"]["layout"] == "kinetics"
+    info, manifest = pack("list.csv", "path,label\nvid_000000_000010.mp4,\n")
+    assert info["label"] == -1 and manifest["settings"]["layout"] == "csv"
 
 
 def test_ucf101_and_hmdb51_split_files(videos, tmp_path):
