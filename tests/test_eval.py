@@ -1,0 +1,101 @@
+"""Evaluation protocols, the synthetic dataset and the quick demo."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from shard_tools.make_synthetic import class_names, make, render
+from vthcl.eval import knn, linear_probe, main as eval_main, retrieval
+
+
+def test_protocols_on_separable_features():
+    torch.manual_seed(0)
+    centers = torch.randn(4, 16) * 5
+    ytr, yva = torch.arange(40) % 4, torch.arange(20) % 4
+    xtr, xva = centers[ytr] + torch.randn(40, 16), centers[yva] + torch.randn(20, 16)
+    assert linear_probe(xtr, ytr, xva, yva) == 100.0
+    assert knn(xtr, ytr, xva, yva) == 100.0
+    r = retrieval(xtr, ytr, xva, yva)
+    assert r["recall@1"] == 100.0 and set(r) == {"recall@1", "recall@5", "recall@10", "recall@20"}
+    shuffled = ytr[torch.randperm(40)]
+    assert knn(xtr, shuffled, xva, yva) < 100.0
+
+
+def test_synthetic_classes_mix_appearance_and_motion():
+    names = class_names(8)
+    families = [n.split("_", 1)[0] for n in names]
+    motions = [n.split("_", 1)[1] for n in names]
+    assert len(set(names)) == 8 and len(set(families)) == 4 and len(set(motions)) >= 4
+    assert all(families.count(f) == 2 for f in set(families))  # appearance alone cannot name a class
+    a, b = render(names[0], seed=1, num_frames=8), render(names[0], seed=1, num_frames=8)
+    assert np.array_equal(a, b) and a.shape == (8, 96, 96, 3)  # deterministic for a seed
+    assert not np.array_equal(a[0], a[7])  # it moves
+    assert not np.array_equal(a, render(names[0], seed=2, num_frames=8))  # nuisance varies per video
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    paths = make(out, videos=24, classes=4, seed=0, frames=72, size=64, val_fraction=0.25, workers=2)
+    return out, paths
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_set, tmp_path_factory):
+    out, paths = tiny_set
+    from vthcl.train import main
+    ck = tmp_path_factory.mktemp("pre")
+    main(["--data", paths["train"], "--backend", "pyav", "--width", "8", "--crop-size", "32", "--batch-size", "6",
+          "--max-steps", "2", "--num-negatives", "8", "--out", str(ck), "--num-workers", "0", "--no-progress",
+          "--no-tensorboard"])
+    return ck / "last.pt"
+
+
+def test_synthetic_shards(tiny_set):
+    out, paths = tiny_set
+    train = json.loads(open(paths["train"]).read())
+    val = json.loads(open(paths["val"]).read())
+    assert train["total_samples"] + val["total_samples"] == 24 and val["total_samples"] == 8
+    assert train["classes"] == val["classes"] == sorted(class_names(4))
+    assert len(list((out / "videos").rglob("*.mp4"))) == 24
+
+
+@pytest.mark.parametrize("mode,extra,key", [
+    ("linear", [], "top1"), ("knn", [], "top1"), ("retrieval", [], "recall@5"),
+    ("linear", ["--random-init"], "top1"), ("linear", ["--single-frame"], "top1"),
+    ("finetune", ["--epochs", "2", "--batch-size", "6", "--num-clips", "3", "--lr", "0.01"], "top1"),
+])
+def test_eval_modes(tiny_set, tiny_checkpoint, tmp_path, mode, extra, key, capsys):
+    _, paths = tiny_set
+    assert eval_main([mode, "--checkpoint", str(tiny_checkpoint), "--train", paths["train"], "--val",
+                      paths["val"], "--out", str(tmp_path), *extra]) == 0
+    (result_file,) = tmp_path.glob("*.json")
+    result = json.loads(result_file.read_text())
+    assert 0.0 <= result[key] <= 100.0 and result["mode"] == mode
+    if mode == "finetune":
+        assert result["videos"] == 8 and result["clips_per_video"] == 3
+
+
+def test_eval_from_slow_encoder_state_dict(tiny_set, tiny_checkpoint, tmp_path):
+    _, paths = tiny_set
+    assert eval_main(["knn", "--checkpoint", str(tiny_checkpoint.with_name("slow_encoder.pt")), "--train",
+                      paths["train"], "--val", paths["val"], "--out", str(tmp_path)]) == 0
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    from vthcl.demo import main
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for metric in ("linear", "knn"):
+        assert set(results[metric]) == {"pretrained", "random"}
+        assert all(0 <= v <= 100 for v in results[metric].values())
+    assert "single_frame_control" in results and results["chance"] == 12.5
+    report = (tmp_path / "report.md").read_text()
+    assert "| linear probe, clips |" in report and "can and cannot show" in report
+    for png in ("loss.png", "icm_res3.png", "icm_res4.png", "icm_res5.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "pretrain" / "metrics.jsonl")]
+    assert len(losses) == 30 and all(np.isfinite(losses))

@@ -1,0 +1,196 @@
+"""The one-command demo: synthetic tempo videos -> shards -> VTHCL pretraining ->
+linear probe and kNN against random initialisation -> a report.
+
+    python -m vthcl.demo [--out runs/demo] [--seed 0] [--quick] [--alpha 1|2|4] [--levels 1|2|3] [--ablation]
+
+Runs on a 2-core CPU in about 10 minutes (``--quick``: about 3), with no
+download. Writes ``OUT/report.md`` (results table, loss curve, ICM maps),
+``OUT/results.json`` (accuracies in percent) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PRESETS = {
+    # videos, pretraining epochs; the model is a small R18 (stem width 16), 56-pixel crops
+    "default": {"videos": 240, "epochs": 60},
+    "quick": {"videos": 96, "epochs": 6},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def pretrain(data: Path, out: Path, seed: int, alpha: int, levels: int, epochs: int, batch: int = 16) -> Path:
+    from vthcl.train import main as train_main
+    args = ["--data", str(data / "manifest.json"), "--backend", "pyav", "--arch", "r18", "--width", "16",
+            "--crop-size", "56", "--batch-size", str(batch), "--epochs", str(epochs), "--alpha", str(alpha),
+            "--tau", "8", "--levels", str(levels), "--num-negatives", "4096", "--lr", "0.03", "--seed", str(seed),
+            "--out", str(out), "--num-workers", "2", "--no-progress", "--ckpt-every", "100000", "--log-every", "1"]
+    if (out / "last.pt").exists():
+        args.append("--resume")
+    train_main(args)
+    return out / "last.pt"
+
+
+def probe(checkpoint: Path, train: Path, val: Path, random_init: bool, seed: int, single: bool = False) -> dict:
+    from vthcl.eval import extract, knn, linear_probe, load_encoder
+    encoder, cfg = load_encoder(str(checkpoint), random_init=random_init, seed=seed)
+    xtr, ytr = extract(encoder, str(train), cfg, single)
+    xva, yva = extract(encoder, str(val), cfg, single)
+    return {"linear": linear_probe(xtr, ytr, xva, yva), "knn": knn(xtr, ytr, xva, yva)}
+
+
+def loss_curve(metrics: Path, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(metrics)]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for key in [k for k in rows[0] if k.startswith("loss")]:
+        values = [r[key] for r in rows]
+        window = max(1, len(values) // 25)
+        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+                  for i in range(len(values))]
+        ax.plot(steps, smooth, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("NCE loss (smoothed)")
+    ax.legend(fontsize=7)
+    ax.set_title("VTHCL pretraining loss", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def run(out: Path, seed: int = 0, quick: bool = False, alpha: int = 2, levels: int = 3,
+        ablation: bool = False) -> dict:
+    from shard_tools.make_synthetic import make
+    from vthcl.icm import load_model, write_icm_pngs
+    t0 = time.time()
+    preset = PRESETS["quick" if quick else "default"]
+    torch.manual_seed(seed)
+    data = out / "data"
+    if not (data / "val" / "manifest.json").exists():
+        log(f"making {preset['videos']} synthetic videos (8 classes) and their shards")
+        make(data, preset["videos"], 8, seed=seed)
+    train, val = data / "train", data / "val"
+    timing = {"data_s": round(time.time() - t0, 1)}
+
+    log(f"pretraining VTHCL R18 (width 16), alpha={alpha}, levels={levels}, {preset['epochs']} epochs")
+    t = time.time()
+    ck = pretrain(train, out / "pretrain", seed, alpha, levels, preset["epochs"])
+    timing["pretrain_s"] = round(time.time() - t, 1)
+
+    log("linear probe and kNN: pretrained vs random init, clips and single frames")
+    t = time.time()
+    res = {name: probe(ck, train, val, random_init, seed, single)
+           for name, random_init, single in [("pretrained", False, False), ("random", True, False),
+                                             ("pretrained_single_frame", False, True),
+                                             ("random_single_frame", True, True)]}
+    timing["eval_s"] = round(time.time() - t, 1)
+    results = {
+        "linear": {"pretrained": res["pretrained"]["linear"], "random": res["random"]["linear"]},
+        "knn": {"pretrained": res["pretrained"]["knn"], "random": res["random"]["knn"]},
+        "single_frame_control": {"linear": {"pretrained": res["pretrained_single_frame"]["linear"],
+                                            "random": res["random_single_frame"]["linear"]},
+                                 "knn": {"pretrained": res["pretrained_single_frame"]["knn"],
+                                         "random": res["random_single_frame"]["knn"]}},
+        "chance": 100.0 / 8,
+    }
+    if ablation:
+        results["ablation"] = {}
+        for a, d in [(1, 3), (2, 3), (4, 3), (2, 1), (2, 2)]:
+            log(f"ablation: alpha={a}, levels={d}")
+            ab_ck = pretrain(train, out / f"ablation_a{a}_d{d}", seed, a, d, max(2, preset["epochs"] // 2))
+            results["ablation"][f"alpha{a}_levels{d}"] = probe(ab_ck, train, val, False, seed)
+
+    loss_curve(out / "pretrain" / "metrics.jsonl", out / "loss.png")
+    model, cfg = load_model(str(ck))
+    sample_video = sorted((data / "videos").rglob("*.mp4"))[0]
+    icm_pngs = write_icm_pngs(model, cfg, str(sample_video), out, name="icm")
+    timing["total_s"] = round(time.time() - t0, 1)
+    results.update({"settings": {"seed": seed, "quick": quick, "alpha": alpha, "levels": levels,
+                                 "videos": preset["videos"], "classes": 8, "epochs": preset["epochs"],
+                                 "arch": "r18", "width": 16, "crop_size": 56},
+                    "timing": timing})
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    table = report(out, results, sample_video, icm_pngs)
+    print(table)
+    return results
+
+
+def report(out: Path, results: dict, video: Path, icm_pngs: list) -> str:
+    sf = results["single_frame_control"]
+    table = "\n".join([
+        "| evaluation | pretrained (VTHCL) | random init |",
+        "|---|---|---|",
+        f"| linear probe, clips | {results['linear']['pretrained']:.1f} | {results['linear']['random']:.1f} |",
+        f"| kNN (k=20), clips | {results['knn']['pretrained']:.1f} | {results['knn']['random']:.1f} |",
+        f"| linear probe, single frames (control) | {sf['linear']['pretrained']:.1f} | {sf['linear']['random']:.1f} |",
+        f"| kNN, single frames (control) | {sf['knn']['pretrained']:.1f} | {sf['knn']['random']:.1f} |",
+    ])
+    s, timing = results["settings"], results["timing"]
+    lines = [
+        "# VTHCL demo report", "",
+        f"Synthetic tempo dataset: {s['videos']} videos, {s['classes']} classes (actor family x motion pattern), "
+        f"seed {s['seed']}. Pretraining: R18 (stem width {s['width']}), {s['crop_size']}-pixel crops, "
+        f"alpha={s['alpha']}, {s['levels']} level(s), {s['epochs']} epochs on the train split; evaluation on the "
+        f"val split. Top-1 accuracy in percent; chance is {results['chance']:.1f}. "
+        f"Time: {timing['total_s']:.0f} s ({timing['pretrain_s']:.0f} s pretraining).", "",
+        table, "",
+    ]
+    if "ablation" in results:
+        lines += ["## Ablation over alpha and levels (half as many epochs)", "",
+                  "| run | linear | kNN |", "|---|---|---|"]
+        lines += [f"| {k} | {v['linear']:.1f} | {v['knn']:.1f} |" for k, v in results["ablation"].items()]
+        lines.append("")
+    lines += [
+        "## What a 10-minute CPU run can and cannot show", "",
+        "It shows the whole system working end to end on real video files: packing, decoding the slow and fast "
+        "clips of one window, pretraining with the hierarchical memory-bank loss (the loss curve below falls "
+        "from its starting value of about levels x 2 x ln(N+1)), evaluation, and the Instance Correspondence "
+        "Maps. It cannot show that VTHCL learns better representations than random initialisation: a memory-bank "
+        "method needs many epochs over many videos, and on a few hundred tiny clips a randomly initialised 3D CNN "
+        "is already a strong feature extractor. Differences of a few points here are within the noise of one "
+        "seed. The single-frame rows are a control: a probe that sees one frame repeated (no motion) measures what "
+        "appearance alone gives, so the gap to the clip rows is what motion adds. For the paper's numbers, "
+        "pretrain on Kinetics-400 on GPUs (see the README).", "",
+        "## Pretraining loss", "", "![loss](loss.png)", "",
+        f"## Instance Correspondence Maps ({video.name})", "",
+        "Each level's fast-pathway map before pooling, as cosines with the slow clip's embedding "
+        "(top: frames, bottom: map over the frames).", "",
+    ]
+    lines += [f"![{p.stem}]({p.name})" for p in icm_pngs]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="vthcl.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes on 2 cores)")
+    p.add_argument("--alpha", type=int, choices=[1, 2, 4], default=2)
+    p.add_argument("--levels", type=int, choices=[1, 2, 3], default=3)
+    p.add_argument("--ablation", action="store_true", help="add a table over alpha and levels (longer)")
+    p.add_argument("--fresh", action="store_true", help="delete OUT first")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run(out, args.seed, args.quick, args.alpha, args.levels, args.ablation)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Evaluate a pretrained slow encoder.
+
+    python -m vthcl.eval linear|knn|retrieval|finetune --checkpoint CK --train SHARDS --val SHARDS --out DIR
+        [--random-init] [--single-frame] [--epochs 100 --batch-size 64 --lr 0.1 --num-clips 10]
+
+* ``linear``: a linear classifier on frozen, globally pooled res5 features of
+  the centre clip (standardised; full-batch L-BFGS with weight decay).
+* ``knn``: cosine k-nearest neighbours with weighted votes (exp(s / 0.07)).
+* ``retrieval``: val clips query the train clips; recall@1/5/10/20 = a clip of
+  the same class among the top k (the video-pace protocol).
+* ``finetune``: the slow encoder + a linear layer trained end to end with the
+  paper's recipe (100 epochs, batch 64, lr 0.1 divided by 10 at 40% and 80%),
+  tested with ``--num-clips`` uniform clips averaged per video.
+
+``--random-init`` evaluates the same architecture untrained (the baseline);
+``--single-frame`` feeds the centre frame repeated (no motion: an appearance-
+only control). UCF101/HMDB51 work through make_shards' split files. Results
+go to ``DIR/<mode>.json`` (accuracies in percent).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vthcl.model import Pathway
+
+
+# ----------------------------------------------------------------------------- encoders
+def load_encoder(checkpoint: str | None, random_init: bool = False, arch: str | None = None,
+                 width: int | None = None, seed: int = 0) -> tuple[Pathway, dict]:
+    """The slow encoder of a vthcl.train checkpoint (last.pt, or slow_encoder.pt
+    with last.pt beside it or --arch/--width), or the same net untrained."""
+    cfg = {"arch": arch or "r18", "width": width or 64, "tau": 8, "alpha": 2, "slow_frames": 8, "crop_size": 224}
+    state = None
+    if checkpoint:
+        path = Path(checkpoint)
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(ck, dict) and "config" in ck:
+            cfg.update({k: ck["config"][k] for k in cfg if k in ck["config"]})
+            state = {k[len("slow."):]: v for k, v in ck["model"].items() if k.startswith("slow.")}
+        else:
+            state = ck
+            beside = path.with_name("last.pt")
+            if beside.exists() and not (arch and width):
+                cfg.update({k: v for k, v in torch.load(beside, map_location="cpu", weights_only=False)["config"].items()
+                            if k in cfg})
+    if arch:
+        cfg["arch"] = arch
+    if width:
+        cfg["width"] = width
+    torch.manual_seed(seed)
+    encoder = Pathway(cfg["arch"], cfg["width"], slow=True)
+    if state is not None and not random_init:
+        encoder.load_state_dict(state)
+    return encoder.eval(), cfg
+
+
+def clip_loader(shards, cfg: dict, train: bool, batch_size: int, num_clips: int = 1, num_workers: int = 0,
+                seed: int = 0):
+    from loaders import build_loader
+    return build_loader(shards, backend="pyav", batch_size=batch_size, tau=cfg["tau"], alpha=cfg["alpha"],
+                        slow_frames=cfg["slow_frames"], crop_size=cfg["crop_size"], train=train, device="cpu",
+                        num_workers=num_workers, seed=seed, num_clips=num_clips)
+
+
+def single_frame(clip: torch.Tensor) -> torch.Tensor:
+    """The centre frame repeated over time: the same appearance, no motion."""
+    t = clip.shape[2] // 2
+    return clip[:, :, t:t + 1].expand_as(clip).contiguous()
+
+
+@torch.no_grad()
+def extract(encoder: Pathway, shards, cfg: dict, single: bool = False, batch_size: int = 16,
+            num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled res5 features of the centre clip of every video (manifest order)."""
+    feats, labels, order = [], [], []
+    for b in clip_loader(shards, cfg, False, batch_size, num_workers=num_workers):
+        x = single_frame(b["slow"]) if single else b["slow"]
+        feats.append(encoder(x)["res5"].mean(dim=(2, 3, 4)))
+        labels.append(b["label"])
+        order.append(b["index"])
+    order = torch.cat(order)
+    keep = torch.unique(order, return_inverse=True)[1]
+    first = torch.full((int(keep.max()) + 1,), -1, dtype=torch.long)
+    first.scatter_reduce_(0, keep, torch.arange(len(order)), reduce="amin", include_self=False)
+    return torch.cat(feats)[first], torch.cat(labels)[first]
+
+
+# ----------------------------------------------------------------------------- protocols
+def linear_probe(xtr, ytr, xva, yva, weight_decay: float = 1e-3, steps: int = 300) -> float:
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xva = (xtr - mean) / std, (xva - mean) / std
+    classes = int(max(ytr.max(), yva.max())) + 1
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(xtr.shape[1], classes)
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1, max_iter=steps, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(layer(xtr), ytr) + weight_decay * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return 100.0 * float((layer(xva).argmax(1) == yva).float().mean())
+
+
+def knn(xtr, ytr, xva, yva, k: int = 20, temperature: float = 0.07) -> float:
+    xtr, xva = F.normalize(xtr, dim=1), F.normalize(xva, dim=1)
+    sims = xva @ xtr.t()
+    k = min(k, len(xtr))
+    top, idx = sims.topk(k, dim=1)
+    classes = int(max(ytr.max(), yva.max())) + 1
+    votes = torch.zeros(len(xva), classes).scatter_add_(1, ytr[idx], (top / temperature).exp())
+    return 100.0 * float((votes.argmax(1) == yva).float().mean())
+
+
+def retrieval(xtr, ytr, xva, yva, ks=(1, 5, 10, 20)) -> dict:
+    sims = F.normalize(xva, dim=1) @ F.normalize(xtr, dim=1).t()
+    ranked = ytr[sims.argsort(dim=1, descending=True)]
+    hits = ranked == yva[:, None]
+    return {f"recall@{k}": 100.0 * float(hits[:, :min(k, hits.shape[1])].any(1).float().mean()) for k in ks}
+
+
+def finetune(encoder: Pathway, cfg: dict, train, val, epochs: int = 100, batch_size: int = 64, lr: float = 0.1,
+             num_clips: int = 10, num_workers: int = 0, seed: int = 0, log=None) -> dict:
+    """The paper's fine-tuning recipe (SGD, lr/10 at 40% and 80% of the epochs), multi-clip test."""
+    from loaders import resolve_shards
+    classes = len(resolve_shards(train).manifest.get("classes") or []) or None
+    loader = clip_loader(train, cfg, True, batch_size, num_workers=num_workers, seed=seed)
+    if classes is None:
+        classes = int(max(int(b["label"].max()) for b in loader)) + 1
+    encoder.train()
+    head = torch.nn.Linear(encoder.dims["res5"], classes)
+    params = list(encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.4 * epochs), int(0.8 * epochs)], gamma=0.1)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for b in loader:
+            logits = head(F.dropout(encoder(b["slow"])["res5"].mean(dim=(2, 3, 4)), 0.5, training=True))
+            loss = F.cross_entropy(logits, b["label"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        if log:
+            log(f"finetune epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
+    encoder.eval()
+    scores, labels = {}, {}
+    with torch.no_grad():
+        for b in clip_loader(val, cfg, False, batch_size, num_clips=num_clips, num_workers=num_workers):
+            prob = head(encoder(b["slow"])["res5"].mean(dim=(2, 3, 4))).softmax(1)
+            for i, idx in enumerate(b["index"].tolist()):
+                scores[idx] = scores.get(idx, 0) + prob[i]
+                labels[idx] = int(b["label"][i])
+    correct = [int(scores[i].argmax()) == labels[i] for i in scores]
+    return {"top1": 100.0 * sum(correct) / len(correct), "videos": len(correct), "clips_per_video": num_clips}
+
+
+def evaluate(mode: str, encoder, cfg, train, val, single: bool = False, **options) -> dict:
+    if mode == "finetune":
+        return finetune(encoder, cfg, train, val, **options)
+    workers = options.get("num_workers", 0)
+    xtr, ytr = extract(encoder, train, cfg, single, num_workers=workers)
+    xva, yva = extract(encoder, val, cfg, single, num_workers=workers)
+    if (ytr < 0).any() or (yva < 0).any():
+        raise SystemExit("vthcl.eval: the shards hold unlabeled videos (label -1): evaluation needs labels")
+    if mode == "linear":
+        return {"top1": linear_probe(xtr, ytr, xva, yva), "train_videos": len(xtr), "val_videos": len(xva)}
+    if mode == "knn":
+        return {"top1": knn(xtr, ytr, xva, yva), "k": min(20, len(xtr))}
+    return retrieval(xtr, ytr, xva, yva)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="vthcl.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=["linear", "knn", "retrieval", "finetune"])
+    p.add_argument("--checkpoint", help="last.pt or slow_encoder.pt of vthcl.train")
+    p.add_argument("--train", required=True)
+    p.add_argument("--val", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--random-init", action="store_true")
+    p.add_argument("--single-frame", action="store_true", help="appearance-only control: the centre frame repeated")
+    p.add_argument("--arch", choices=["r18", "r50"])
+    p.add_argument("--width", type=int)
+    p.add_argument("--crop-size", type=int, help="default: the pretraining crop size")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--num-clips", type=int, default=10)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not args.checkpoint and not args.random_init:
+        p.error("give --checkpoint, or --random-init for the untrained baseline")
+    encoder, cfg = load_encoder(args.checkpoint, args.random_init, args.arch, args.width, args.seed)
+    if args.crop_size:
+        cfg["crop_size"] = args.crop_size
+    options = {"num_workers": args.num_workers}
+    if args.mode == "finetune":
+        options.update(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, num_clips=args.num_clips,
+                       seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+    result = evaluate(args.mode, encoder, cfg, args.train, args.val, args.single_frame, **options)
+    result.update({"mode": args.mode, "checkpoint": args.checkpoint, "random_init": args.random_init,
+                   "single_frame": args.single_frame, "arch": cfg["arch"], "width": cfg["width"]})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.mode + ("_random" if args.random_init else "") + ("_single_frame" if args.single_frame else "")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
