@@ -60,9 +60,7 @@ class DALILoader:
                  device_id: int | None = None, **unused):
         if unused:
             raise TypeError(f"dali backend: unknown options {sorted(unused)}")
-        if not train and (num_clips > 1 or num_crops > 1):
-            raise NotImplementedError("dali backend: multi-view evaluation (num_clips/num_crops > 1) is not "
-                                      "built; use backend=\"pyav\" for 10-clip testing")
+        self.num_clips, self.num_crops = (1, 1) if train else (num_clips, num_crops)
         device = str(device)
         self.on_gpu = device.startswith("cuda")
         check_decodable(shards, "cuda" if self.on_gpu else "cpu")
@@ -82,10 +80,15 @@ class DALILoader:
         self._iter = None
         self.index_paths = [shards.idx(t) for t in shards.tars]
         self._patched = None  # folder of rewritten indices that leave out undecodable members
-        self._outputs = ["fast", "frame_ids", "index", "label"] + (["slow"] if independent_crops else [])
+        views = [f"_{v}" for v in range(self._views())] if self._views() > 1 else [""]
+        self._outputs = ([f"fast{v}" for v in views] + [f"frame_ids{v}" for v in views] + ["index", "label"]
+                         + (["slow"] if independent_crops else []))
+
+    def _views(self) -> int:
+        return self.num_clips * self.num_crops
 
     # ------------------------------------------------------------------ graph
-    def _crop(self, frames, fn, types, dmath):
+    def _crop(self, frames, fn, types, dmath, crop_idx: int = 1):
         """crop_params of loaders.common, in DALI ops: resize the short side
         to S, then crop_mirror_normalize takes the square at (y0, x0)."""
         shape = frames.shape()
@@ -109,6 +112,11 @@ class DALILoader:
             mirror = fn.random.coin_flip()
         else:
             y0, x0, mirror = dmath.floor(room_y * 0.5), dmath.floor(room_x * 0.5), 0
+            if self.num_crops > 1:  # left/top, centre, right/bottom along the long side
+                frac = crop_idx / (self.num_crops - 1)
+                t = fn.cast(tall, dtype=types.FLOAT)
+                y0 = t * dmath.floor(room_y * frac + 0.5) + (1.0 - t) * y0
+                x0 = (1.0 - t) * dmath.floor(room_x * frac + 0.5) + t * x0
         out = fn.resize(frames, size=fn.stack(sh, sw), antialias=True, interp_type=types.INTERP_LINEAR)
         mean, std = (list(MEAN), list(STD)) if self.normalize else ([0.0] * 3, [1.0] * 3)
         # crop_pos is relative: anchor = pos * (size - crop), so pos = y0 / room gives y0 exactly
@@ -133,17 +141,25 @@ class DALILoader:
                 shard_id=self.rank, num_shards=self.world_size, pad_last_batch=True, stick_to_shard=False,
                 shuffle_after_epoch=False, name="reader")
             n = nframes[0]
+            offsets = types.Constant(np.arange(spec.fast_frames, dtype=np.int32) * spec.stride)
             if self.train:
                 starts = dmath.max(n - spec.window + 1, 1)
                 start = fn.cast(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * fn.cast(starts, dtype=types.FLOAT)),
                                 dtype=types.INT32)
-            else:
-                start = dmath.max(n - spec.window, 0) // 2
-            offsets = types.Constant(np.arange(spec.fast_frames, dtype=np.int32) * spec.stride)
-            frame_ids = (start + offsets) % n
+                clip_ids = [(start + offsets) % n]
+            else:  # num_clips evenly spaced windows; one: the centre window
+                delta = dmath.max(n - spec.window, 0)
+                clip_ids = [(delta * (2 * k + 1) // (2 * self.num_clips) + offsets) % n for k in range(self.num_clips)]
+            frame_ids = clip_ids[0] if len(clip_ids) == 1 else fn.cat(*clip_ids, axis=0)
             frames = fn.decoders.video(video, device="mixed" if self.on_gpu else "cpu", frames=frame_ids)
-            fast = self._crop(frames, fn, types, dmath)
-            outputs = [fast, fn.cast(frame_ids, dtype=types.INT64), ids[0], ids[1]]
+            fasts, view_ids = [], []
+            for k, ids_k in enumerate(clip_ids):
+                clip = frames if len(clip_ids) == 1 else fn.slice(
+                    frames, start=[k * spec.fast_frames], shape=[spec.fast_frames], axes=[0])
+                for j in range(self.num_crops):
+                    fasts.append(self._crop(clip, fn, types, dmath, crop_idx=j))
+                    view_ids.append(fn.cast(ids_k, dtype=types.INT64))
+            outputs = [*fasts, *view_ids, ids[0], ids[1]]
             if self.independent_crops:  # (DALI's subscript ignores a step on a sequence: pick frames explicitly)
                 picked = fn.element_extract(frames, element_map=list(range(0, spec.fast_frames, spec.alpha)))
                 slow_frames = fn.reshape(fn.stack(*picked), layout="FHWC")
@@ -156,7 +172,7 @@ class DALILoader:
 
     # ------------------------------------------------------------------ iteration
     def __len__(self) -> int:
-        per_rank = len(rank_indices(self.shards.total, self.rank, self.world_size)[0])
+        per_rank = len(rank_indices(self.shards.total, self.rank, self.world_size)[0]) * self._views()
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -200,8 +216,25 @@ class DALILoader:
                 self._exclude(*bad, reason=reason[:300])
                 it, rebuilt = None, True
                 continue
-            produced += 1
-            yield self._finish(out[0])
+            for batch in self._split_views(out[0]):
+                produced += 1
+                yield self._finish(batch)
+
+    def _split_views(self, batch: dict):
+        """One DALI batch of B videos x V views -> batches of batch_size clips
+        (sample-major, each clip with its ``view``), as the PyAV backend yields them."""
+        V = self._views()
+        if V == 1:
+            yield batch
+            return
+        B = batch["index"].shape[0]
+        fast = torch.stack([batch[f"fast_{v}"] for v in range(V)], 1).flatten(0, 1)
+        ids = torch.stack([batch[f"frame_ids_{v}"] for v in range(V)], 1).flatten(0, 1)
+        rep = {k: batch[k].view(-1).repeat_interleave(V) for k in ("index", "label")}
+        view = torch.arange(V).repeat(B)
+        for s in range(0, B * V, self.batch_size):
+            yield {"fast": fast[s:s + self.batch_size], "frame_ids": ids[s:s + self.batch_size],
+                   "view": view[s:s + self.batch_size], **{k: v[s:s + self.batch_size] for k, v in rep.items()}}
 
     def _finish(self, batch: dict) -> dict:
         fast = batch["fast"]
@@ -212,6 +245,8 @@ class DALILoader:
         self.stats.batches += 1
         self.stats.clips += fast.shape[0]
         meta = {"label": batch["label"].view(-1), "index": batch["index"].view(-1), "frame_ids": batch["frame_ids"]}
+        if "view" in batch:
+            meta["view"] = batch["view"]
         return {"slow": slow, "fast": fast, **{k: v.long().to(self.device, non_blocking=True) for k, v in meta.items()}}
 
     def _exclude(self, tar: str, key: str, reason: str) -> None:

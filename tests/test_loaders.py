@@ -124,12 +124,14 @@ def test_independent_crops_option(backend, shards, request):
     assert any(abs(gradient_offset(b["slow"][i]) - gradient_offset(b["fast"][i, :, ::2])) > 1 for i in range(3))
 
 
-def test_eval_centre_crop_and_views(coded_h264):
-    _, out = batches(coded_h264, "pyav", train=False, batch_size=4)
+@pytest.mark.parametrize("backend,shards", [("pyav", "coded_h264"), ("dali", "coded_vp9")])
+def test_eval_centre_crop_and_views(backend, shards, request):
+    path = request.getfixturevalue(shards)
+    _, out = batches(path, backend, train=False, batch_size=4)
     for b in out:  # centre crop of a horizontal ramp: mean ~ the middle value
         for c in b["fast"]:
             assert abs(gradient_offset(c) - 127.5) < 3
-    loader, out = batches(coded_h264, "pyav", train=False, batch_size=5, num_clips=5, num_crops=3)
+    loader, out = batches(path, backend, train=False, batch_size=5, num_clips=5, num_crops=3)
     assert len(loader) == 9 and set(out[0]) == KEYS | {"view"}
     views = {}
     for b in out:
@@ -137,7 +139,10 @@ def test_eval_centre_crop_and_views(coded_h264):
             views.setdefault(idx, []).append((b["view"][i].item(), b["frame_ids"][i, 0].item(),
                                               round(gradient_offset(b["fast"][i]) / 20)))
     assert sorted(views) == [0, 1, 2] and all(len(v) == 15 for v in views.values())
-    info = {json.loads(m)["index"]: json.loads(m)["num_frames"] for m in _jsons(coded_h264)}
+    for b in out:
+        for i in range(b["fast"].shape[0]):
+            assert frame_numbers(b["fast"][i]) == b["frame_ids"][i].tolist()
+    info = {json.loads(m)["index"]: json.loads(m)["num_frames"] for m in _jsons(path)}
     for idx, vs in views.items():
         n = info[idx]
         starts = sorted({s for _, s, _ in vs})
