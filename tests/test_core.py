@@ -39,6 +39,18 @@ def test_pathways_shapes_and_levels(arch, expansion):
     assert VTHCL(arch, 8, levels=1).level_names == ("res5",)
 
 
+def test_residual_input_removes_a_static_background():
+    from vthcl.model import temporal_residual
+    x = torch.randn(2, 3, 1, 8, 8).expand(2, 3, 4, 8, 8).clone()
+    assert torch.equal(temporal_residual(x), torch.zeros_like(x))
+    x[:, :, 2] += 1
+    r = temporal_residual(x)
+    assert r.shape == x.shape and torch.allclose(r[:, :, 2], torch.ones(2, 3, 8, 8))
+    model = VTHCL("r18", width=8, input="residual")
+    assert model.slow.residual and model.fast.residual
+    assert model(torch.randn(1, 3, 8, 32, 32), torch.randn(1, 3, 16, 32, 32)).shape == (3, 2, 1, 128)
+
+
 def test_head_dense_equals_pooled_head_on_constant_maps():
     model = VTHCL("r18", width=8)
     head = model.heads["slow_res5"]

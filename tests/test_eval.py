@@ -99,3 +99,17 @@ def test_quick_demo_end_to_end(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "pretrain" / "metrics.jsonl")]
     assert len(losses) == 30 and all(np.isfinite(losses))
+
+
+def test_signal_preset_runs_on_a_tiny_setting(tmp_path, monkeypatch):
+    from vthcl import demo
+    monkeypatch.setitem(demo.PRESETS, "signal", dict(demo.PRESETS["signal"], videos=32, epochs=1, seeds=2))
+    results = demo.run_signal(tmp_path, seed=0, levels=1)
+    for metric in ("linear", "knn"):
+        assert set(results[metric]) == {"pretrained", "alpha1", "random"}
+        per_seed = [r["pretrained"][metric] for r in results["seeds"].values()]
+        assert results[metric]["pretrained"] == pytest.approx(sum(per_seed) / 2)
+    assert set(results["seeds"]) == {"0", "1"} and len(results["goals"]) == 4
+    assert (tmp_path / "report.md").exists() and (tmp_path / "loss.png").exists()
+    ck = torch.load(tmp_path / "seed0_alpha1" / "last.pt", weights_only=False)
+    assert ck["config"]["alpha"] == 1 and ck["config"]["input"] == "residual" and ck["config"]["positive"] == "batch"

@@ -35,7 +35,8 @@ def load_encoder(checkpoint: str | None, random_init: bool = False, arch: str | 
                  width: int | None = None, seed: int = 0) -> tuple[Pathway, dict]:
     """The slow encoder of a vthcl.train checkpoint (last.pt, or slow_encoder.pt
     with last.pt beside it or --arch/--width), or the same net untrained."""
-    cfg = {"arch": arch or "r18", "width": width or 64, "tau": 8, "alpha": 2, "slow_frames": 8, "crop_size": 224}
+    cfg = {"arch": arch or "r18", "width": width or 64, "tau": 8, "alpha": 2, "slow_frames": 8, "crop_size": 224,
+           "input": "rgb"}
     state = None
     if checkpoint:
         path = Path(checkpoint)
@@ -54,7 +55,7 @@ def load_encoder(checkpoint: str | None, random_init: bool = False, arch: str | 
     if width:
         cfg["width"] = width
     torch.manual_seed(seed)
-    encoder = Pathway(cfg["arch"], cfg["width"], slow=True)
+    encoder = Pathway(cfg["arch"], cfg["width"], slow=True, residual=cfg["input"] == "residual")
     if state is not None and not random_init:
         encoder.load_state_dict(state)
     return encoder.eval(), cfg

@@ -37,7 +37,7 @@ def icm(model: VTHCL, slow: torch.Tensor, fast: torch.Tensor) -> dict[str, dict[
 def load_model(checkpoint: str, device: str = "cpu") -> tuple[VTHCL, dict]:
     ck = torch.load(checkpoint, map_location=device, weights_only=False)
     cfg = ck["config"]
-    model = VTHCL(cfg["arch"], cfg["width"], cfg["levels"]).to(device)
+    model = VTHCL(cfg["arch"], cfg["width"], cfg["levels"], input=cfg.get("input", "rgb")).to(device)
     model.load_state_dict(ck["model"])
     return model.eval(), cfg
 

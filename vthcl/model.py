@@ -75,11 +75,21 @@ class Bottleneck(nn.Module):
         return F.relu(y + (x if self.short is None else self.short(x)), inplace=True)
 
 
-class Pathway(nn.Module):
-    """One SlowFast pathway as a 3D ResNet; forward returns {res3, res4, res5}."""
+def temporal_residual(x: torch.Tensor) -> torch.Tensor:
+    """Residual frames of a [B, C, T, H, W] clip: x[t] - x[t-1] (the first
+    difference repeated at t=0), so a static background vanishes."""
+    d = x[:, :, 1:] - x[:, :, :-1]
+    return torch.cat([d[:, :, :1], d], dim=2) if x.shape[2] > 1 else torch.zeros_like(x)
 
-    def __init__(self, arch: str = "r18", width: int = 64, slow: bool = True):
+
+class Pathway(nn.Module):
+    """One SlowFast pathway as a 3D ResNet; forward returns {res3, res4, res5}.
+    ``residual=True`` feeds it residual frames instead of RGB (an option; the
+    paper uses RGB)."""
+
+    def __init__(self, arch: str = "r18", width: int = 64, slow: bool = True, residual: bool = False):
         super().__init__()
+        self.residual = residual
         if arch not in STAGE_BLOCKS:
             raise ValueError(f"unknown arch {arch!r}: choose r18 or r50")
         block = BasicBlock if arch == "r18" else Bottleneck
@@ -112,6 +122,8 @@ class Pathway(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.residual:
+            x = temporal_residual(x)
         x = self.res2(self.stem(x))
         r3 = self.res3(x)
         r4 = self.res4(r3)
@@ -146,14 +158,17 @@ class VTHCL(nn.Module):
     [levels, 2 (slow, fast), B, d] — the layout the fused loss consumes.
     """
 
-    def __init__(self, arch: str = "r18", width: int = 64, levels: int = 3, dim: int = 128, beta: float = 1 / 8):
+    def __init__(self, arch: str = "r18", width: int = 64, levels: int = 3, dim: int = 128, beta: float = 1 / 8,
+                 input: str = "rgb"):
         super().__init__()
         if not 1 <= levels <= 3:
             raise ValueError("levels must be 1, 2 or 3 (res5; res4+res5; res3+res4+res5)")
-        self.arch, self.width, self.levels, self.dim = arch, width, levels, dim
+        if input not in ("rgb", "residual"):
+            raise ValueError("input must be 'rgb' (paper) or 'residual'")
+        self.arch, self.width, self.levels, self.dim, self.input = arch, width, levels, dim, input
         self.level_names = LEVELS[3 - levels:]
-        self.slow = Pathway(arch, width, slow=True)
-        self.fast = Pathway(arch, max(1, int(round(width * beta))), slow=False)
+        self.slow = Pathway(arch, width, slow=True, residual=input == "residual")
+        self.fast = Pathway(arch, max(1, int(round(width * beta))), slow=False, residual=input == "residual")
         self.heads = nn.ModuleDict({
             f"{p}_{lvl}": Head(enc.dims[lvl], dim)
             for p, enc in (("slow", self.slow), ("fast", self.fast)) for lvl in self.level_names})

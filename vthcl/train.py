@@ -32,7 +32,7 @@ DEFAULTS = dict(data=None, backend="pyav", arch="r18", out="runs/pretrain", max_
                 batch_size=256, crop_size=224, num_negatives=16384, levels=3, alpha=2, tau=8, slow_frames=8,
                 width=64, seed=0, device=None, resume=False, lr=None, base_lr=0.03, momentum=0.9,
                 weight_decay=1e-4, temperature=0.07, bank_momentum=0.5, level_weights=None, bank_dtype="fp32",
-                shard_banks=False, positive="bank", precision=None, channels_last=None, compile=False,
+                shard_banks=False, positive="bank", input="rgb", precision=None, channels_last=None, compile=False,
                 num_workers=None, log_every=1, ckpt_every=500, max_nonfinite=5, num_videos=None,
                 independent_crops=False, tensorboard=True, progress=True)
 
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bank-dtype", choices=["fp32", "bf16"])
     a("--shard-banks", action="store_true", default=None, help="each rank keeps n/world_size bank rows")
     a("--positive", choices=["bank", "batch"], help="positive from the other bank (paper) or the other clip")
+    a("--input", choices=["rgb", "residual"], help="RGB frames (paper) or residual frames (x[t] - x[t-1])")
     a("--precision", choices=["fp32", "bf16", "fp16"], help="autocast (default: bf16 on GPU, fp32 on CPU)")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     a("--compile", action="store_true", default=None)
@@ -204,7 +205,7 @@ def train(cfg) -> dict:
     if len(loader) == 0:
         raise SystemExit(f"vthcl.train: error: no batches in {cfg.data}")
 
-    model = VTHCL(cfg.arch, cfg.width, cfg.levels).to(device)
+    model = VTHCL(cfg.arch, cfg.width, cfg.levels, input=cfg.input).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     bank_cls = ShardedMemoryBank if cfg.shard_banks else MemoryBank
