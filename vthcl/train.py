@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--config", help="YAML file of options (the command line wins)")
     a("--data", help="shards: manifest.json, folder, brace pattern")
-    a("--backend", choices=["dali", "pyav", "synthetic", "ffcv"])
+    a("--backend", choices=["dali", "pyav", "synthetic"])
     a("--arch", choices=["r18", "r50"])
     a("--out")
     a("--max-steps", type=int, help="stop after this many steps (the schedule still spans --epochs)")
