@@ -126,13 +126,27 @@ class MemoryBank(torch.nn.Module):
         if len(weights) != levels:
             raise ValueError(f"{len(weights)} level weights for {levels} levels")
         self.register_buffer("weights", torch.tensor(weights))
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("banks", self._init_rows(levels, num_videos, dim, g).to(dtype))
+        self.seed, self.dtype = seed, dtype
+        self.register_buffer("banks", self._init_rows(*self._rows(num_videos)))
         self.generator = torch.Generator().manual_seed(seed + 1)
 
-    @staticmethod
-    def _init_rows(levels: int, rows: int, dim: int, g: torch.Generator) -> torch.Tensor:
-        return F.normalize(torch.randn(levels, 2, rows, dim, generator=g), dim=-1)
+    INIT_CHUNK = 1 << 16
+
+    def _rows(self, num_videos: int) -> tuple[int, int]:
+        """The bank rows this process holds: all of them."""
+        return 0, num_videos
+
+    def _init_rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Random unit vectors for rows [lo, hi), the same whichever rows a bank
+        holds: chunk c of INIT_CHUNK rows comes from a generator seeded by (seed, c),
+        so a rank of a sharded bank makes only its own rows."""
+        parts = []
+        for c in range(lo // self.INIT_CHUNK, -(-hi // self.INIT_CHUNK)):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + c)
+            start = c * self.INIT_CHUNK
+            rows = torch.randn(self.levels, 2, self.INIT_CHUNK, self.dim, generator=g)
+            parts.append(rows[:, :, max(lo, start) - start:min(hi, start + self.INIT_CHUNK) - start])
+        return F.normalize(torch.cat(parts, dim=2), dim=-1).to(self.dtype)
 
     def sample_negatives(self) -> torch.Tensor:
         return torch.randint(0, self.num_videos, (self.num_negatives,), generator=self.generator).to(
@@ -187,15 +201,17 @@ class ShardedMemoryBank(MemoryBank):
     """
 
     def __init__(self, num_videos: int, *args, **kwargs):
-        super().__init__(num_videos, *args, **kwargs)
         world = dist.get_world_size() if _dist() else 1
         rank = dist.get_rank() if _dist() else 0
         self.world, self.rank = world, rank
         self.lo = (num_videos * rank) // world
         self.hi = (num_videos * (rank + 1)) // world
-        self.banks = self.banks[:, :, self.lo:self.hi].clone()  # the same rows the full bank would hold
+        super().__init__(num_videos, *args, **kwargs)
         self.local_negatives = math.ceil(self.num_negatives / world)
         self.generator.manual_seed(self.generator.initial_seed() + 7919 * rank)
+
+    def _rows(self, num_videos: int) -> tuple[int, int]:
+        return self.lo, self.hi
 
     def sample_negatives(self) -> torch.Tensor:
         return torch.randint(self.lo, self.hi, (self.local_negatives,), generator=self.generator).to(
