@@ -112,4 +112,4 @@ def test_signal_preset_runs_on_a_tiny_setting(tmp_path, monkeypatch):
     assert set(results["seeds"]) == {"0", "1"} and len(results["goals"]) == 4
     assert (tmp_path / "report.md").exists() and (tmp_path / "loss.png").exists()
     ck = torch.load(tmp_path / "seed0_alpha1" / "last.pt", weights_only=False)
-    assert ck["config"]["alpha"] == 1 and ck["config"]["input"] == "residual" and ck["config"]["positive"] == "batch"
+    assert ck["config"]["alpha"] == 1 and ck["config"]["input"] == "residual" and ck["config"]["positive"] == "bank"
