@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vthcl.model import Pathway
+from vthcl.model import Pathway, slow_encoder_features
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -82,7 +82,7 @@ def extract(encoder: Pathway, shards, cfg: dict, single: bool = False, batch_siz
     feats, labels, order = [], [], []
     for b in clip_loader(shards, cfg, False, batch_size, num_workers=num_workers):
         x = single_frame(b["slow"]) if single else b["slow"]
-        feats.append(encoder(x)["res5"].mean(dim=(2, 3, 4)))
+        feats.append(slow_encoder_features(encoder, x))
         labels.append(b["label"])
         order.append(b["index"])
     order = torch.cat(order)
@@ -146,7 +146,7 @@ def finetune(encoder: Pathway, cfg: dict, train, val, epochs: int = 100, batch_s
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for b in loader:
-            logits = head(F.dropout(encoder(b["slow"])["res5"].mean(dim=(2, 3, 4)), 0.5, training=True))
+            logits = head(F.dropout(slow_encoder_features(encoder, b["slow"]), 0.5, training=True))
             loss = F.cross_entropy(logits, b["label"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -158,7 +158,7 @@ def finetune(encoder: Pathway, cfg: dict, train, val, epochs: int = 100, batch_s
     scores, labels = {}, {}
     with torch.no_grad():
         for b in clip_loader(val, cfg, False, batch_size, num_clips=num_clips, num_workers=num_workers):
-            prob = head(encoder(b["slow"])["res5"].mean(dim=(2, 3, 4))).softmax(1)
+            prob = head(slow_encoder_features(encoder, b["slow"])).softmax(1)
             for i, idx in enumerate(b["index"].tolist()):
                 scores[idx] = scores.get(idx, 0) + prob[i]
                 labels[idx] = int(b["label"][i])
