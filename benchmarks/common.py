@@ -20,6 +20,27 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
+
+
+def video_files(folder: Path) -> list[Path]:
+    """The videos directly in ``folder``, sorted."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in VIDEO_SUFFIXES)
+
+
+def replicate(videos: Path, dest: Path, copies: int) -> list[Path]:
+    """``copies`` symlinked copies of every video in ``videos`` under ``dest``
+    (more inputs than workers, the same bytes); returns the links, sorted."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for i in range(copies):
+        for f in video_files(videos):
+            link = dest / f"{i:02d}_{f.name}"
+            if not link.exists():
+                os.symlink(f.resolve(), link)
+    return sorted(dest.iterdir())
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:

@@ -7,7 +7,6 @@ flip) with the same number of worker processes, side by side in one run.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tarfile
 import tempfile
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from benchmarks import references
-from benchmarks.common import cores, ratio, repeat_rates, write_result
+from benchmarks.common import cores, ratio, repeat_rates, replicate, video_files, write_result
 from loaders import build_loader
 from loaders.common import ClipSpec, resolve_shards
 
@@ -65,9 +64,7 @@ def _shard_items(shards) -> list:
 
 def _file_items(videos: Path) -> list:
     items = []
-    for p in sorted(videos.iterdir()):
-        if p.suffix.lower() not in {".mp4", ".avi", ".mkv", ".webm", ".mov"}:
-            continue
+    for p in video_files(videos):
         with av.open(str(p)) as c:
             s = c.streams.video[0]
             n = s.frames or sum(1 for _ in c.decode(s))
@@ -98,11 +95,7 @@ def _rate_reference(items, fn, workers: int, epochs: int) -> float:
 def _pack(videos: Path, out: Path, codec: str, copies: int) -> Path:
     from shard_tools.make_shards import main as make_shards
     src = out / "src"
-    src.mkdir(parents=True, exist_ok=True)
-    for i in range(copies if not any(src.iterdir()) else 0):
-        for p in sorted(videos.iterdir()):
-            if p.is_file() and p.suffix.lower() in {".mp4", ".avi", ".mkv", ".webm", ".mov"}:
-                os.symlink(p.resolve(), src / f"{i:02d}_{p.name}")
+    replicate(videos, src, copies)
     dest = out / codec
     rc = make_shards([str(src), str(dest), "--quiet", "--codec", codec, "--samples-per-shard", "16"])
     if rc != 0:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import multiprocessing
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import av
 import av.filter
 
-from benchmarks.common import cores, ratio, repeat_rates, timed, write_result
+from benchmarks.common import cores, ratio, repeat_rates, replicate, timed, video_files, write_result
 from shard_tools.make_shards import main as make_shards
 from shard_tools.transcode import output_size
 
@@ -76,17 +75,12 @@ def run(videos: Path, out: Path, quick: bool, codec: str = "h264", workers: int 
     workers = workers or cores()
     copies = copies or (2 if quick else 6)
     repeats = 1 if quick else 3
-    files = sorted(p for p in Path(videos).iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in {".mp4", ".avi", ".mkv", ".webm", ".mov"})
+    files = video_files(videos)
     if not files:
         raise SystemExit(f"benchmarks shards: no videos in {videos}")
     tmp = Path(tempfile.mkdtemp(prefix="bench_shards_"))
     src = tmp / "src"
-    src.mkdir()
-    for i in range(copies):  # more inputs than workers, the same bytes
-        for f in files:
-            os.symlink(f.resolve(), src / f"{i:02d}_{f.name}")
-    inputs = sorted(str(p) for p in src.iterdir())
+    inputs = [str(p) for p in replicate(videos, src, copies)]
     threads = max(1, cores() // workers)
     jobs = [(p, codec, 30, 256, 16, threads) for p in inputs]
     runs = iter(range(1000))

@@ -37,7 +37,6 @@ import random
 import re
 import struct
 import sys
-from dataclasses import asdict
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -93,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cores() -> int:
+def cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -259,14 +258,14 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.fps is not None and args.fps <= 0:
         raise UsageError("--fps must be positive")
-    workers = _cores() if args.workers is None else args.workers
+    workers = cores() if args.workers is None else args.workers
     copy = args.codec == "copy"
     settings = EncodeSettings(
         codec=args.codec,
         fps=None if copy else (args.fps or 30.0),
         short_side=None if copy else (256 if args.short_side is None else args.short_side),
         gop=args.gop, crf=args.crf, preset=args.preset,
-        threads=max(1, _cores() // max(1, workers)), min_frames=args.min_frames)
+        threads=max(1, cores() // max(1, workers)), min_frames=args.min_frames)
     ignored: list[str] = []
     layout, samples, classes = discover(args.src, args.layout, args.annotations, args.split_file, args.split,
                                         ignored)

@@ -20,7 +20,6 @@ import argparse
 import csv
 import math
 import multiprocessing
-import os
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -144,7 +143,7 @@ def make(out: Path, videos: int, classes: int, seed: int = 0, vp9: bool = False,
          size: int = 96, val_fraction: float = 0.25, workers: int | None = None, short_side: int = 64,
          quiet: bool = True) -> dict:
     """Write the videos, then pack OUT/train and OUT/val. Returns their manifest paths."""
-    from shard_tools.make_shards import main as make_shards
+    from shard_tools.make_shards import cores, main as make_shards
     names = class_names(classes)
     ext = "webm" if vp9 else "mp4"
     rng = np.random.default_rng(seed)
@@ -156,7 +155,7 @@ def make(out: Path, videos: int, classes: int, seed: int = 0, vp9: bool = False,
         jobs.append((str(out / "videos" / rel), cls, int(rng.integers(0, 2 ** 31)), frames, size, vp9))
         split = "val" if (i // classes) % round(1 / val_fraction) == 0 else "train"
         rows[split].append((rel, cls))
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or cores()
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         pool.map(_make_one, jobs, chunksize=4)
     result = {}
