@@ -6,15 +6,18 @@
         ...
 
 Backends: ``"dali"`` (GPU decode with device="cuda"; DALI's CPU decoder for
-VP9/MJPEG shards with device="cpu"), ``"pyav"`` (CPU workers), ``"synthetic"``
-(random tensors from memory: the upper bound for benchmarks). See
-:mod:`loaders.common` for the contract.
+VP9/MJPEG shards with device="cpu"), ``"pyav"`` (CPU workers), ``"ffcv"`` (a
+.beton of JPEG frames written by ``shard_tools/make_ffcv.py``; the ffcv
+extra), ``"synthetic"`` (random tensors from memory: the upper bound for
+benchmarks). See :mod:`loaders.common` for the contract. Every loader also
+has ``num_videos`` (memory-bank rows: the manifest's video count), ``len``,
+``set_epoch`` and ``stats``.
 """
 from __future__ import annotations
 
 from loaders.common import MEAN, STD, ClipSpec, Shards, resolve_shards
 
-BACKENDS = ("dali", "pyav", "synthetic")
+BACKENDS = ("dali", "pyav", "ffcv", "synthetic")
 
 
 def build_loader(shards, *, backend: str, batch_size: int, tau: int = 8, alpha: int = 2, slow_frames: int = 8,
@@ -24,11 +27,12 @@ def build_loader(shards, *, backend: str, batch_size: int, tau: int = 8, alpha: 
     """Build a loader yielding dicts ``slow``, ``fast``, ``label``, ``index``, ``frame_ids``.
 
     ``shards``: a manifest.json, a shard folder, a brace pattern or a list of
-    tars (``None`` is allowed for ``backend="synthetic"`` with ``num_videos=``).
-    ``num_workers``: decoding processes (pyav; 0 = in-process; default: CPU
-    cores) or threads (dali). Options: ``independent_crops``, ``num_clips`` and
-    ``num_crops`` (evaluation views), ``drop_last``, ``shuffle_buffer`` (pyav),
-    ``num_videos`` (synthetic).
+    tars; for ``backend="ffcv"`` a .beton (``None`` is allowed for
+    ``backend="synthetic"`` with ``num_videos=``). ``num_workers``: decoding
+    processes (pyav; 0 = in-process; default: CPU cores) or threads (dali,
+    ffcv). Options: ``independent_crops``, ``num_clips`` and ``num_crops``
+    (evaluation views; not ffcv), ``drop_last``, ``shuffle_buffer`` (pyav),
+    ``os_cache`` and ``order`` (ffcv), ``num_videos`` (synthetic).
     """
     import os
     if batch_size < 1:
@@ -48,6 +52,9 @@ def build_loader(shards, *, backend: str, batch_size: int, tau: int = 8, alpha: 
         return SyntheticLoader(num_videos, spec, **common, **options)
     if shards is None:
         raise ValueError(f"{backend} backend: shards are required")
+    if backend == "ffcv":
+        from loaders.ffcv import FFCVLoader
+        return FFCVLoader(shards, spec, num_workers=num_workers, **common, **options)
     resolved = resolve_shards(shards)
     if backend == "pyav":
         from loaders.pyav import PyAVLoader

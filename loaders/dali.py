@@ -65,6 +65,7 @@ class DALILoader:
         self.on_gpu = device.startswith("cuda")
         check_decodable(shards, "cuda" if self.on_gpu else "cpu")
         self.shards, self.spec = shards, spec
+        self.num_videos = shards.total
         self.batch_size, self.crop_size, self.train, self.normalize = batch_size, crop_size, train, normalize
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
         self.independent_crops, self.channels_last = independent_crops, channels_last

@@ -238,6 +238,7 @@ class PyAVLoader(EpochState):
         self.pin_memory = (self.device.type == "cuda") if pin_memory is None else pin_memory
         self.finish = Normalizer(spec.alpha, normalize, self.device, channels_last)
         self.index = SampleIndex(shards)
+        self.num_videos = shards.total
         self.stats = LoaderStats()
 
     def _views(self) -> int:

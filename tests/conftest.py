@@ -53,6 +53,22 @@ coded_h264 = _shards("coded_tree", "coded_h264", "--short-side", "64", "--crf", 
 coded_vp9 = _shards("coded_tree", "coded_vp9", "--short-side", "64", "--codec", "vp9", "--crf", "0")
 
 
+def _beton(shards: str, name: str, *args: str):
+    """A session fixture: the shards fixture ``shards`` converted by make_ffcv."""
+    @pytest.fixture(scope="session")
+    def fixture(request, tmp_path_factory) -> Path:
+        from shard_tools.make_ffcv import main
+        out = tmp_path_factory.mktemp(name) / f"{name}.beton"
+        rc = main([str(request.getfixturevalue(shards)), str(out), "--quiet", "--workers", "2", *args])
+        assert rc == 0, f"make_ffcv exited {rc}"
+        return out
+    return fixture
+
+
+real_beton = _beton("h264_shards", "real")
+coded_beton = _beton("coded_h264", "coded", "--quality", "95")
+
+
 @pytest.fixture(scope="session")
 def coded_tree(tmp_path_factory) -> Path:
     """Frame-number-coded videos (brightness codes the frame number), lossless."""

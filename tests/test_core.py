@@ -201,16 +201,19 @@ def _train(out, *args):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
-def test_three_steps_on_real_video_shards_and_exact_resume(h264_shards, tmp_path):
-    data = ["--data", str(h264_shards)]
-    straight = _train(tmp_path / "a", *data, *TRAIN, "--max-steps", "6")
-    first = _train(tmp_path / "b", *data, *TRAIN, "--max-steps", "3")
+@pytest.mark.parametrize("backend,shards", [("pyav", "h264_shards"),
+                                            pytest.param("ffcv", "real_beton", marks=pytest.mark.ffcv)])
+def test_three_steps_on_real_video_shards_and_exact_resume(backend, shards, request, tmp_path):
+    data = ["--data", str(request.getfixturevalue(shards))]
+    train = [*TRAIN, "--backend", backend, "--num-workers", "0" if backend == "pyav" else "1"]
+    straight = _train(tmp_path / "a", *data, *train, "--max-steps", "6")
+    first = _train(tmp_path / "b", *data, *train, "--max-steps", "3")
     assert [m["step"] for m in first] == [1, 2, 3]
     for m in first:
         assert {"step", "epoch", "loss", "loss_res3", "loss_res4", "loss_res5", "lr", "clips_per_s",
                 "data_wait"} <= set(m)
         assert m["loss"] == pytest.approx(m["loss_res3"] + m["loss_res4"] + m["loss_res5"], rel=1e-5)
-    resumed = _train(tmp_path / "b", *data, *TRAIN, "--max-steps", "6", "--resume")
+    resumed = _train(tmp_path / "b", *data, *train, "--max-steps", "6", "--resume")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in resumed[3:]] == [m["loss"] for m in straight[3:]]
     assert [m["epoch"] for m in straight] == [0, 0, 0, 1, 1, 1]  # 5 videos, batch 2: 3 steps an epoch

@@ -23,7 +23,7 @@ pytest.importorskip("nvidia.dali")
 
 def batches(shards, backend, **kw):
     opts = dict(backend=backend, batch_size=2, device="cpu", crop_size=48, normalize=False, num_workers=0)
-    if backend == "dali":
+    if backend in ("dali", "ffcv"):
         opts["num_workers"] = 1
     opts.update(kw)
     loader = build_loader(str(shards), **opts)
@@ -67,8 +67,12 @@ def check_exact(out, spec: ClipSpec, train: bool):
     return seen
 
 
+FFCV = pytest.mark.ffcv
+
+
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("backend,shards", [("pyav", "coded_h264"), ("pyav", "coded_vp9"), ("dali", "coded_vp9")])
+@pytest.mark.parametrize("backend,shards", [("pyav", "coded_h264"), ("pyav", "coded_vp9"), ("dali", "coded_vp9"),
+                                            pytest.param("ffcv", "coded_beton", marks=FFCV)])
 def test_exact_sampling_on_frame_coded_videos(backend, shards, train, request):
     path = request.getfixturevalue(shards)
     spec = ClipSpec()
@@ -97,13 +101,15 @@ def gradient_offset(clip: torch.Tensor) -> float:
     return float(clip[2].mean())
 
 
-@pytest.mark.parametrize("backend,shards", [("pyav", "coded_h264"), ("dali", "coded_vp9")])
+@pytest.mark.parametrize("backend,shards", [("pyav", "coded_h264"), ("dali", "coded_vp9"),
+                                            pytest.param("ffcv", "coded_beton", marks=FFCV)])
 def test_same_crop_for_the_pair_and_different_crops_across_samples(backend, shards, request):
     path = request.getfixturevalue(shards)
     crops = []
     for epoch in range(3):
         loader = build_loader(str(path), backend=backend, batch_size=3, device="cpu", crop_size=48,
                               normalize=False, num_workers=0 if backend == "pyav" else 1, seed=epoch)
+        assert loader.num_videos == 3
         loader.set_epoch(epoch)
         for b in loader:
             assert torch.equal(b["slow"], b["fast"][:, :, ::2])  # one crop and flip for both clips
@@ -176,17 +182,19 @@ def test_dali_and_pyav_agree_on_the_same_window(shards, request):
         assert float(diff.mean()) < 3.0, (idx, float(diff.mean()))  # codec/colour-conversion tolerance
 
 
-@pytest.mark.parametrize("backend,shards", [("pyav", "h264_shards"), ("dali", "vp9_shards"), ("synthetic", "h264_shards")])
+@pytest.mark.parametrize("backend,shards", [("pyav", "h264_shards"), ("dali", "vp9_shards"), ("synthetic", "h264_shards"),
+                                            pytest.param("ffcv", "real_beton", marks=FFCV)])
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_two_ranks_see_every_video_with_equal_steps(backend, shards, batch_size, request):
     path = request.getfixturevalue(shards)
-    total = json.loads((path / "manifest.json").read_text())["total_samples"]
+    packed = request.getfixturevalue("h264_shards") if backend == "ffcv" else path  # the .beton's source
+    total = json.loads((packed / "manifest.json").read_text())["total_samples"]
     assert total == 5
     for epoch in range(2):
         seen, steps = [], []
         for rank in range(2):
             loader = build_loader(str(path), backend=backend, batch_size=batch_size, device="cpu", crop_size=32,
-                                  rank=rank, world_size=2, num_workers=0 if backend != "dali" else 1)
+                                  rank=rank, world_size=2, num_workers=1 if backend in ("dali", "ffcv") else 0)
             loader.set_epoch(epoch)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -283,10 +291,13 @@ def test_shard_sources_accepted(h264_shards):
         build_loader(str(h264_shards), backend="nope", batch_size=1, device="cpu")
 
 
-def test_resume_replays_the_rest_of_an_epoch(h264_shards):
+@pytest.mark.parametrize("backend,shards", [("pyav", "h264_shards"), pytest.param("ffcv", "real_beton", marks=FFCV)])
+def test_resume_replays_the_rest_of_an_epoch(backend, shards, request):
+    path = request.getfixturevalue(shards)
+
     def make():
-        return build_loader(str(h264_shards), backend="pyav", batch_size=2, device="cpu", crop_size=32,
-                            num_workers=0, seed=3)
+        return build_loader(str(path), backend=backend, batch_size=2, device="cpu", crop_size=32,
+                            num_workers=0 if backend == "pyav" else 1, seed=3)
     full = [b["index"].tolist() + b["frame_ids"][:, 0].tolist() for b in make()]
     loader = make()
     it = iter(loader)

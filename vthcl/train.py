@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from loaders import BACKENDS
 from vthcl.memory import MemoryBank, ShardedMemoryBank
 from vthcl.model import VTHCL
 
@@ -40,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vthcl.train", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--config", help="YAML file of options (the command line wins)")
-    a("--data", help="shards: manifest.json, folder, brace pattern")
-    a("--backend", choices=["dali", "pyav", "synthetic"])
+    a("--data", help="shards: manifest.json, folder, brace pattern (a .beton for --backend ffcv)")
+    a("--backend", choices=BACKENDS)
     a("--arch", choices=["r18", "r50"])
     a("--out")
     a("--max-steps", type=int, help="stop after this many steps (the schedule still spans --epochs)")
@@ -154,13 +155,6 @@ def make_loader(cfg, rank: int, world: int, device):
                         seed=cfg.seed, channels_last=bool(cfg.channels_last), **extra)
 
 
-def num_videos(cfg, loader) -> int:
-    if cfg.backend == "synthetic" and not cfg.data:
-        return cfg.num_videos or 1024
-    from loaders import resolve_shards
-    return resolve_shards(cfg.data).total
-
-
 # ---------------------------------------------------------------------------- train
 def train_step(forward, bank, optimizer, scaler, batch: dict, amp_dtype=None):
     """One VTHCL step: encode both clips, the hierarchical bank loss, SGD,
@@ -198,7 +192,7 @@ def train(cfg) -> dict:
         raise SystemExit("vthcl.train: --data SHARDS is required (or --backend synthetic)")
     try:
         loader = make_loader(cfg, rank, world, device)
-        n = num_videos(cfg, loader)
+        n = loader.num_videos
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"vthcl.train: error: {e}") from None
     if len(loader) == 0:

@@ -1,0 +1,223 @@
+"""Convert packed shards (or the videos make_shards takes) into an FFCV dataset.
+
+    python shard_tools/make_ffcv.py SHARDS OUT.beton [--quality 90] [--workers N]
+    python shard_tools/make_ffcv.py SRC OUT.beton [make_shards options: --fps, --short-side, --layout, ...]
+
+Each video becomes one sample with three fields (the format is defined with
+its reader in :mod:`loaders.ffcv`): ``video``, its frames as JPEGs with an
+offset table so a loader decodes only the frames a clip needs; ``label``; and
+``index``, the video's position in the shards' manifest (the memory-bank row,
+the same number the other backends yield). Frames are those of the shards:
+the same constant fps and short side, frame k of the shard = frame k here.
+
+Given a folder of videos instead of shards, make_shards packs them first
+(lossless H.264, ``--crf 0``, in a temporary folder beside OUT) with the
+options given, so fps, short side, layouts, split files and failure reasons
+are make_shards' own.
+
+Videos that cannot be converted are named on stderr and written to
+``OUT.failed.jsonl`` (source, key, reason) and never reach the .beton: an
+exception inside FFCV's writer workers would hang it. Exit code 0: all
+converted, 3: some failed, 2: usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+from tqdm import tqdm
+
+from shard_tools.make_shards import EXIT_FAILED, EXIT_OK, EXIT_USAGE, cores
+from shard_tools.make_shards import main as make_shards_main
+
+MIN_PAGE = 2 << 20  # FFCV's smallest page; a sample must fit in one page
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="make_ffcv", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", metavar="SHARDS", help="make_shards output (folder or manifest.json), or a folder of videos")
+    p.add_argument("out", metavar="OUT.beton")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores; 0: in-process)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _is_shards(src: str) -> bool:
+    return (src.endswith(".json") and os.path.isfile(src)) or os.path.isfile(os.path.join(src, "manifest.json"))
+
+
+def _members(shards):
+    """(key, url, {member: bytes}) for every sample, in manifest order."""
+    import webdataset as wds
+    pipeline = wds.DataPipeline(wds.SimpleShardList(shards.tars), wds.tarfile_to_samples())
+    for sample in pipeline:
+        yield sample
+
+
+def _convert(task):
+    """One sample -> (info, blob) or (info, reason). Runs in a worker."""
+    sample, quality = task
+    import av
+    import cv2
+    from loaders.ffcv import pack_frames
+    cv2.setNumThreads(1)
+    key = sample.get("__key__", "?")
+    info = {"key": key, "source": sample.get("__url__", "")}
+    try:
+        meta = json.loads(sample["json"])
+        info.update(source=meta.get("source", info["source"]), index=int(meta["index"]),
+                    label=int(meta.get("label", -1)), fps=float(meta["fps"]))
+        want = int(meta["num_frames"])
+        member = next((sample[e] for e in ("mp4", "webm", "mkv", "avi", "mov") if e in sample), None)
+        if member is None:
+            raise ValueError("no video member in the shard sample")
+        jpegs = []
+        with av.open(io.BytesIO(member)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                rgb = frame.to_ndarray(format="rgb24")
+                ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                                       [int(cv2.IMWRITE_JPEG_QUALITY), quality])
+                if not ok:
+                    raise ValueError(f"JPEG encoding failed at frame {len(jpegs)}")
+                jpegs.append(buf.tobytes())
+                if len(jpegs) == want:
+                    break
+        if len(jpegs) < want:
+            raise ValueError(f"corrupt: decoded {len(jpegs)} of the {want} frames the shard declares")
+        info.update(num_frames=want, height=rgb.shape[0], width=rgb.shape[1])
+        return info, pack_frames(jpegs)
+    except Exception as e:  # reported and skipped, never fatal to the other videos
+        return info, f"{type(e).__name__}: {e}"
+
+
+class _Spool:
+    """The converted blobs on disk, indexable for FFCV's writer workers."""
+
+    def __init__(self, path: str, records: list[dict]):
+        self.path, self.records, self.data = path, records, None
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        if self.data is None:
+            self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        r = self.records[i]
+        blob = np.asarray(self.data[r["offset"]:r["offset"] + r["size"]])
+        return ((blob, r["num_frames"], r["height"], r["width"], r["index"], r["fps"]), r["label"], r["index"])
+
+
+def _page_size(largest: int) -> int:
+    """A power of two holding four of the largest videos: a sample never spans
+    pages, so the space a page leaves unused stays under a quarter."""
+    page = MIN_PAGE
+    while page < 4 * largest:
+        page *= 2
+    return page
+
+
+def convert(shards_src: str, out: str, quality: int, workers: int, quiet: bool, failed: list[dict]) -> int:
+    """Convert packed shards to ``out``; returns the number of videos written."""
+    from ffcv.fields import IntField
+    from ffcv.writer import DatasetWriter
+    from loaders.common import resolve_shards
+    from loaders.ffcv import JPEGVideoField
+    shards = resolve_shards(shards_src)
+    spool_path, records = out + ".spool", []
+    tasks = ((s, quality) for s in _members(shards))
+    pool = None if workers == 0 else multiprocessing.get_context("spawn").Pool(workers)
+    results = map(_convert, tasks) if pool is None else pool.imap(_convert, tasks, chunksize=1)
+    bar = tqdm(total=shards.total, unit="video", disable=quiet, dynamic_ncols=True, mininterval=0.5)
+    try:
+        with open(spool_path, "wb") as spool:
+            for info, blob in results:
+                if isinstance(blob, str):
+                    failed.append({"source": info["source"], "key": info["key"], "reason": blob})
+                    bar.write(f"failed: {info['source']}: {blob}", file=sys.stderr)
+                else:
+                    records.append({**info, "offset": spool.tell(), "size": int(blob.size)})
+                    spool.write(blob.tobytes())
+                bar.update(1)
+        bar.close()
+        if pool is not None:
+            pool.close()
+        if records:
+            tmp = out + ".tmp"
+            fields = {"video": JPEGVideoField(), "label": IntField(), "index": IntField()}
+            writer = DatasetWriter(tmp, fields, page_size=_page_size(max(r["size"] for r in records)),
+                                   num_workers=1)
+            writer.from_indexed_dataset(_Spool(spool_path, records))
+            os.replace(tmp, out)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if os.path.exists(spool_path):
+            os.remove(spool_path)
+    return len(records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    if not 1 <= args.quality <= 100:
+        print("make_ffcv: error: --quality must be in 1..100", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.out.endswith(".beton"):
+        print(f"make_ffcv: error: {args.out}: the output name must end in .beton", file=sys.stderr)
+        return EXIT_USAGE
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    workers = cores() if args.workers is None else args.workers
+    failed: list[dict] = []
+    src, packed = args.src, None
+    if not _is_shards(src):
+        if not os.path.isdir(src):
+            print(f"make_ffcv: error: {src}: neither shards (no manifest.json) nor a folder of videos",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        packed = src = out + ".shards"
+        shutil.rmtree(packed, ignore_errors=True)
+        crf = [] if "--crf" in extra else ["--crf", "0"]
+        code = make_shards_main([args.src, packed, *crf, "--workers", str(workers), *extra]
+                                + (["--quiet"] if args.quiet else []))
+        if code == EXIT_USAGE:
+            shutil.rmtree(packed, ignore_errors=True)
+            return EXIT_USAGE
+        with open(os.path.join(packed, "failed.jsonl"), encoding="utf-8") as f:
+            failed.extend(json.loads(line) for line in f if line.strip())
+    elif extra:
+        print(f"make_ffcv: error: unknown options {' '.join(extra)} (make_shards options apply to a folder "
+              "of videos, not to shards)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        written = convert(src, out, args.quality, workers, args.quiet, failed)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"make_ffcv: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if packed:
+            shutil.rmtree(packed, ignore_errors=True)
+    failed_path = out[:-len(".beton")] + ".failed.jsonl"
+    with open(failed_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in failed)
+    if not written:
+        print(f"make_ffcv: no video could be converted (see {failed_path}); {out} not written", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{written} converted, {len(failed)} failed (see {failed_path})")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
