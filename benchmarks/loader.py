@@ -2,7 +2,10 @@
 
 Every configuration turns the same videos into training clips (random
 window of 64 frames, 16 fast frames, random short-side jitter + 224 crop +
-flip) with the same number of worker processes, side by side in one run.
+flip) with the same number of workers (processes; threads for dali and
+ffcv), side by side in one run. The ffcv backend reads the same shards
+converted by make_ffcv (JPEG q90); its .beton size against the tars is in
+the settings.
 """
 from __future__ import annotations
 
@@ -74,6 +77,8 @@ def _file_items(videos: Path) -> list:
 
 def _rate_loader(make, epochs: int) -> float:
     loader = make()
+    loader.set_epoch(epochs)  # warm-up, not timed: FFCV compiles its pipeline on the first batch
+    next(iter(loader))
     clips, t = 0, time.perf_counter()
     for e in range(epochs):
         loader.set_epoch(e)
@@ -101,6 +106,28 @@ def _pack(videos: Path, out: Path, codec: str, copies: int) -> Path:
     if rc != 0:
         raise SystemExit(f"benchmarks loader: packing {videos} failed (exit {rc})")
     return dest
+
+
+def _beton(h264: str, out: Path, workers: int) -> tuple[str, dict, float]:
+    """The same shards as an FFCV .beton; its size against the tars; setup time (compile)."""
+    from shard_tools.make_ffcv import main as make_ffcv
+    beton = out / "clips.beton"
+    rc = make_ffcv([h264, str(beton), "--quiet", "--workers", str(workers)])
+    if rc != 0:
+        raise SystemExit(f"benchmarks loader: make_ffcv on {h264} failed (exit {rc})")
+    from ffcv.reader import Reader
+    from loaders.ffcv import FIELDS
+    meta = Reader(str(beton), FIELDS).metadata["f0"]
+    tars = sum(Path(t).stat().st_size for t in resolve_shards(h264).tars)
+    sizes = {"beton_bytes": beton.stat().st_size, "beton_video_bytes": int(meta["size"].sum()), "tars_bytes": tars,
+             "quality": 90}
+    sizes["beton_over_tars"] = round(sizes["beton_bytes"] / tars, 2)
+    sizes["video_bytes_over_tars"] = round(sizes["beton_video_bytes"] / tars, 2)
+    t = time.perf_counter()
+    loader = build_loader(str(beton), backend="ffcv", batch_size=BATCH, crop_size=CROP, device="cpu",
+                          num_workers=workers)
+    next(iter(loader))
+    return str(beton), sizes, round(time.perf_counter() - t, 2)
 
 
 def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str | None = None,
@@ -140,6 +167,15 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
             lambda: build_loader(dali_shards, backend="dali", num_workers=workers, **common), epochs)
     except ImportError:
         notes.append("nvidia-dali is not installed: no dali figure")
+    ffcv_sizes = None
+    try:
+        import ffcv  # noqa: F401
+        beton, ffcv_sizes, ffcv_setup = _beton(h264, tmp, workers)
+        configs["ffcv"] = lambda: _rate_loader(
+            lambda: build_loader(beton, backend="ffcv", num_workers=workers, **common), epochs)
+        notes.append(f"ffcv: pipeline setup (numba compile, once per process) took {ffcv_setup} s, not in clips/s")
+    except ImportError:
+        notes.append("ffcv is not installed (the ffcv extra): no ffcv figure")
     try:
         results = repeat_rates(configs, repeats)
     finally:
@@ -153,9 +189,12 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
     }
     if "decord_style_same_shards" in results:
         ratios["pyav_over_decord"] = ratio(results, "pyav", "decord_style_same_shards")
+    if "ffcv" in results:
+        ratios["ffcv_over_pyav"] = ratio(results, "ffcv", "pyav")
+        ratios["ffcv_beton_over_tars"] = ffcv_sizes["beton_over_tars"]
     settings = {"videos": str(videos), "copies": copies, "clips_per_epoch": len(shard_items), "epochs": epochs,
                 "repeats": repeats, "workers": workers, "batch_size": BATCH, "crop": CROP, "tau": 8, "alpha": 2,
-                "slow_frames": 8, "device": device,
+                "slow_frames": 8, "device": device, "ffcv_sizes": ffcv_sizes,
                 "goals": {"pyav_over_slowfast_style": 4, "pyav_over_slowfast_style_same_shards": 1.5,
                           "pyav_over_codec_limit": 0.8, "pyav_over_decord": 1.0}}
     return write_result(out, "loader", settings, results, ratios, "clips/s", notes)

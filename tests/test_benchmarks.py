@@ -56,3 +56,12 @@ def test_run_refuses_a_suite_without_its_inputs(capsys):
     with pytest.raises(SystemExit):
         main(["--suite", "e2e"])
     assert "--shards" in capsys.readouterr().err
+
+
+@pytest.mark.ffcv
+def test_loader_suite_ffcv_helper_measures_size_and_setup(h264_shards, tmp_path):
+    from benchmarks.loader import _beton
+    beton, sizes, setup = _beton(str(h264_shards), tmp_path, 1)
+    assert beton.endswith(".beton") and setup > 0
+    assert sizes["tars_bytes"] > 0 and sizes["beton_video_bytes"] <= sizes["beton_bytes"]
+    assert sizes["beton_over_tars"] == round(sizes["beton_bytes"] / sizes["tars_bytes"], 2)
