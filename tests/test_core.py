@@ -224,6 +224,23 @@ def test_three_steps_on_real_video_shards_and_exact_resume(backend, shards, requ
     Pathway("r18", 8).load_state_dict(slow)
 
 
+def test_color_jitter_per_clip_and_reproducible():
+    from loaders import MEAN, STD
+    from vthcl.train import color_jitter
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 4, 8, 8, generator=g)
+    same = color_jitter(x, 0.0, torch.Generator().manual_seed(1), p_gray=0.0)
+    assert torch.allclose(same, x.clamp((0 - MEAN[0]) / STD[0], (255 - MEAN[0]) / STD[0]), atol=1e-4)
+    a = color_jitter(x, 0.4, torch.Generator().manual_seed(1), p_gray=0.5)
+    b = color_jitter(x, 0.4, torch.Generator().manual_seed(1), p_gray=0.5)
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.allclose(a, x)
+    pix = a * STD[0] + MEAN[0]
+    is_gray = [bool(torch.allclose(pix[i, 0], pix[i, 1], atol=1e-3)) for i in range(6)]
+    assert 0 < sum(is_gray) < 6  # some clips turned grayscale, not all
+    shift = (a - x).mean(dim=(1, 2, 3, 4))  # one draw per clip, different across clips
+    assert float(shift.std()) > 0.05
+
+
 def test_lr_schedule_and_config_file(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("backend: synthetic\nnum_videos: 16\nbatch_size: 4\ncrop_size: 16\nwidth: 8\nepochs: 1\n"

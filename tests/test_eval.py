@@ -101,10 +101,11 @@ def test_quick_demo_end_to_end(tmp_path):
     assert len(losses) == 30 and all(np.isfinite(losses))
 
 
-def test_signal_preset_runs_on_a_tiny_setting(tmp_path, monkeypatch):
+@pytest.mark.parametrize("preset", ["signal", "signal-aug"])
+def test_signal_preset_runs_on_a_tiny_setting(preset, tmp_path, monkeypatch):
     from vthcl import demo
-    monkeypatch.setitem(demo.PRESETS, "signal", dict(demo.PRESETS["signal"], videos=32, epochs=1, seeds=2))
-    results = demo.run_signal(tmp_path, seed=0, levels=1)
+    monkeypatch.setitem(demo.PRESETS, preset, dict(demo.PRESETS[preset], videos=32, epochs=1, seeds=2))
+    results = demo.run_signal(tmp_path, seed=0, levels=1, preset=preset)
     for metric in ("linear", "knn"):
         assert set(results[metric]) == {"pretrained", "alpha1", "random"}
         per_seed = [r["pretrained"][metric] for r in results["seeds"].values()]
@@ -113,3 +114,6 @@ def test_signal_preset_runs_on_a_tiny_setting(tmp_path, monkeypatch):
     assert (tmp_path / "report.md").exists() and (tmp_path / "loss.png").exists()
     ck = torch.load(tmp_path / "seed0_alpha1" / "last.pt", weights_only=False)
     assert ck["config"]["alpha"] == 1 and ck["config"]["input"] == "residual" and ck["config"]["positive"] == "bank"
+    aug = preset == "signal-aug"
+    assert ck["config"]["color_jitter"] == (0.4 if aug else 0.0) and bool(ck["config"]["independent_crops"]) == aug
+    assert results["settings"]["preset"] == preset

@@ -34,7 +34,7 @@ DEFAULTS = dict(data=None, backend="pyav", arch="r18", out="runs/pretrain", max_
                 weight_decay=1e-4, temperature=0.07, bank_momentum=0.5, level_weights=None, bank_dtype="fp32",
                 shard_banks=False, positive="bank", input="rgb", precision=None, channels_last=None, compile=False,
                 num_workers=None, log_every=1, ckpt_every=500, max_nonfinite=5, num_videos=None,
-                independent_crops=False, tensorboard=True, progress=True)
+                independent_crops=False, color_jitter=0.0, tensorboard=True, progress=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", default=None)
     a("--num-workers", type=int, help="loader workers per rank")
     a("--num-videos", type=int, help="synthetic backend without --data")
-    a("--independent-crops", action="store_true", default=None)
+    a("--independent-crops", action="store_true", default=None, help="a crop of its own for the slow clip")
+    a("--color-jitter", type=float, metavar="S",
+      help="colour jitter drawn independently for the two clips: brightness, contrast and saturation factors "
+           "in [1-S, 1+S], grayscale with p=0.2, one draw per clip (default 0: off, the loaders' spatial "
+           "augmentation only)")
     a("--log-every", type=int)
     a("--ckpt-every", type=int)
     a("--max-nonfinite", type=int, help="stop after this many non-finite losses in a row")
@@ -156,6 +160,31 @@ def make_loader(cfg, rank: int, world: int, device):
 
 
 # ---------------------------------------------------------------------------- train
+def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator, p_gray: float = 0.2) -> torch.Tensor:
+    """Colour jitter of normalised clips [B, 3, T, H, W], one draw per clip
+    (every frame alike): brightness, contrast, saturation in [1-s, 1+s], then
+    grayscale with probability ``p_gray``."""
+    from loaders import MEAN, STD
+    B = x.shape[0]
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1, 1)
+
+    def factor():
+        return (1 + (torch.rand(B, generator=gen) * 2 - 1) * strength).to(x.device).view(B, 1, 1, 1, 1)
+
+    def gray(p):
+        return (0.299 * p[:, :1] + 0.587 * p[:, 1:2] + 0.114 * p[:, 2:]).expand_as(p)
+
+    p = (x * std + mean) * factor()
+    level = gray(p).mean(dim=(1, 2, 3, 4), keepdim=True)
+    p = (p - level) * factor() + level
+    g = gray(p)
+    p = g + (p - g) * factor()
+    to_gray = (torch.rand(B, generator=gen) < p_gray).to(x.device).view(B, 1, 1, 1, 1)
+    p = torch.where(to_gray, gray(p), p).clamp_(0, 255)
+    return (p - mean) / std
+
+
 def train_step(forward, bank, optimizer, scaler, batch: dict, amp_dtype=None):
     """One VTHCL step: encode both clips, the hierarchical bank loss, SGD,
     then the bank update. A non-finite loss (on any rank) skips the update.
@@ -274,6 +303,10 @@ def train(cfg) -> dict:
         wait_before = loader.stats.wait_s
         for batch in loader:
             wait = loader.stats.wait_s - wait_before
+            if cfg.color_jitter:  # independent draws for the two clips, reproducible per step and rank
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+                batch["slow"] = color_jitter(batch["slow"], cfg.color_jitter, gen)
+                batch["fast"] = color_jitter(batch["fast"], cfg.color_jitter, gen)
             slow = batch["slow"]
             loss, per_level, finite = train_step(forward, bank, optimizer, scaler, batch, amp_dtype)
             scheduler.step()
