@@ -36,9 +36,10 @@ evaluation. Ranks read contiguous ranges of the file (the rotation of
 :func:`loaders.common.rank_indices`), because FFCV's QUASI_RANDOM has no
 ``distributed=True``.
 
-Spatial sampling is :func:`loaders.common.crop_params` (a short side drawn
-from [8/7, 10/7]·crop, a crop, a coin-flip mirror; the centre at 8/7 in
-evaluation): the frame is resized whole, then cropped, as in the PyAV
+Spatial sampling follows :func:`loaders.common.crop_params` (the same
+distribution, drawn from the hash: a short side in [8/7, 10/7]·crop, a crop,
+a coin-flip mirror; the centre at 8/7 in evaluation): the frame is resized
+whole, then cropped, as in the PyAV
 backend, so in evaluation both give the same pixels up to JPEG and
 resampling differences. Bad videos never reach a .beton (make_ffcv
 reports them in ``OUT.failed.jsonl``). Not supported here: multi-view
@@ -63,7 +64,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.reader import Reader
-from ffcv.traversal_order import QuasiRandom, Random, Sequential
+from ffcv.traversal_order import QuasiRandom
 from ffcv.traversal_order.base import TraversalOrder
 
 from loaders.common import ClipSpec, EpochState, LoaderStats, Normalizer, Timer, rank_indices, scale_range, \
@@ -116,9 +117,6 @@ FIELDS = {"video": JPEGVideoField, "label": IntField, "index": IntField}
 
 
 # --------------------------------------------------------------------------- random draws
-_M = 0xFFFFFFFFFFFFFFFF
-
-
 @njit(cache=True)
 def _mix(x):
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
