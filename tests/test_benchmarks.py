@@ -65,3 +65,13 @@ def test_loader_suite_ffcv_helper_measures_size_and_setup(h264_shards, tmp_path)
     assert beton.endswith(".beton") and setup > 0
     assert sizes["tars_bytes"] > 0 and sizes["beton_video_bytes"] <= sizes["beton_bytes"]
     assert sizes["beton_over_tars"] == round(sizes["beton_bytes"] / sizes["tars_bytes"], 2)
+
+
+def test_e2e_suite_quick_on_cpu(h264_shards, tmp_path):
+    from benchmarks import e2e
+    doc = json.loads(e2e.run(tmp_path, str(h264_shards), quick=True, workers=1).read_text())
+    assert set(doc["results"]) == {"pyav_e2e_r18", "synthetic_r18"}
+    assert doc["ratios"]["e2e_over_synthetic"] == doc["ratios"]["e2e_over_synthetic_r18"] > 0
+    assert 0 <= doc["ratios"]["data_wait_fraction_r18"] <= 1
+    assert "kinetics400_pretraining" not in doc["settings"]  # projected only from GPU figures
+    assert (tmp_path / "e2e.png").exists()
