@@ -57,11 +57,10 @@ def _is_shards(src: str) -> bool:
 
 
 def _members(shards):
-    """(key, url, {member: bytes}) for every sample, in manifest order."""
+    """Every sample as webdataset's dict (``__key__``, ``__url__``, one entry
+    per member), in manifest order."""
     import webdataset as wds
-    pipeline = wds.DataPipeline(wds.SimpleShardList(shards.tars), wds.tarfile_to_samples())
-    for sample in pipeline:
-        yield sample
+    return wds.DataPipeline(wds.SimpleShardList(shards.tars), wds.tarfile_to_samples())
 
 
 def _convert(task):
