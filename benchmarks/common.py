@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -81,10 +82,22 @@ def repeat_rates(configs: dict[str, Callable[[], float]], repeats: int) -> dict[
     """Run every config ``repeats`` times, interleaved (so drift hits all alike);
     each call returns a rate (items/s)."""
     runs: dict[str, list[float]] = {name: [] for name in configs}
+    errors: dict[str, str] = {}
     for _ in range(repeats):
         for name, fn in configs.items():
-            runs[name].append(fn())
-    return {name: summarize(v) for name, v in runs.items()}
+            if name in errors:
+                continue
+            try:
+                runs[name].append(fn())
+            except Exception as e:
+                errors[name] = failure(e)
+    return {name: errors.get(name) or summarize(v) for name, v in runs.items()}
+
+
+def failure(e: Exception) -> dict:
+    """A configuration that raised: reported in the result (its ratios are null), the others still run."""
+    traceback.print_exc()
+    return {"error": f"{type(e).__name__}: {e}"[:2000]}
 
 
 def timed(fn: Callable[[], int]) -> float:
@@ -94,7 +107,10 @@ def timed(fn: Callable[[], int]) -> float:
     return n / (time.perf_counter() - t)
 
 
-def ratio(results: dict, a: str, b: str) -> float:
+def ratio(results: dict, a: str, b: str) -> float | None:
+    """a's median over b's; None where either configuration failed."""
+    if "median" not in results[a] or "median" not in results[b]:
+        return None
     return results[a]["median"] / results[b]["median"]
 
 
@@ -114,7 +130,7 @@ def plot(path: Path, suite: str, results: dict, unit: str, mach: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = list(results)
+    names = [n for n in results if "median" in results[n]]  # (a failed configuration has only its error)
     med = [results[n]["median"] for n in names]
     lo = [results[n]["median"] - results[n]["min"] for n in names]
     hi = [results[n]["max"] - results[n]["median"] for n in names]

@@ -49,7 +49,8 @@ def run(out: Path, shards: str, quick: bool, device: str = "cpu", workers: int |
         return measure_steps(trainer, data, 1, steps)
 
     for arch in archs:
-        trainer = Trainer(arch, width, "bf16" if gpu else "fp32", gpu, False, device, n)
+        # on GPU the banks are Kinetics-sized (240k rows, N=16384 negatives), as in the step suite
+        trainer = Trainer(arch, width, "bf16" if gpu else "fp32", gpu, False, device, 240_000 if gpu else n)
         for _ in range(repeats):
             runs.setdefault(f"{backend}_e2e_{arch}", []).append(real(trainer, arch))
             runs.setdefault(f"synthetic_{arch}", []).append(synthetic(trainer))

@@ -50,6 +50,7 @@ def _shards(tree: str, name: str, *args: str):
 h264_shards = _shards("real_tree", "h264", "--short-side", "128", "--samples-per-shard", "2")
 vp9_shards = _shards("real_tree", "vp9", "--short-side", "128", "--samples-per-shard", "2", "--codec", "vp9")
 coded_h264 = _shards("coded_tree", "coded_h264", "--short-side", "64", "--crf", "0")
+coded_h264_lossy = _shards("coded_tree", "coded_h264_lossy", "--short-side", "64", "--crf", "10")  # NVDEC-decodable
 coded_vp9 = _shards("coded_tree", "coded_vp9", "--short-side", "64", "--codec", "vp9", "--crf", "0")
 
 

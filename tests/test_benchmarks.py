@@ -1,7 +1,6 @@
 """Benchmark building blocks work (the figures themselves live in benchmarks/results)."""
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -75,3 +74,21 @@ def test_e2e_suite_quick_on_cpu(h264_shards, tmp_path):
     assert 0 <= doc["ratios"]["data_wait_fraction_r18"] <= 1
     assert "kinetics400_pretraining" not in doc["settings"]  # projected only from GPU figures
     assert (tmp_path / "e2e.png").exists()
+
+
+def test_a_failing_configuration_is_reported_and_the_others_still_run(tmp_path, capsys):
+    from benchmarks.common import ratio, repeat_rates, write_result
+    calls = []
+
+    def broken():
+        calls.append("broken")
+        raise RuntimeError("no NVDEC here")
+
+    results = repeat_rates({"ok": lambda: 4.0, "broken": broken, "other": lambda: 2.0}, repeats=3)
+    assert calls == ["broken"]  # not retried
+    assert results["ok"]["runs"] == [4.0] * 3 and results["broken"] == {"error": "RuntimeError: no NVDEC here"}
+    assert ratio(results, "ok", "other") == 2.0 and ratio(results, "ok", "broken") is None
+    path = write_result(tmp_path, "demo", {}, results, {"ok_over_broken": None}, "items/s")
+    doc = json.loads(path.read_text())
+    assert doc["results"]["broken"]["error"].startswith("RuntimeError") and (tmp_path / "demo.png").exists()
+    assert "no NVDEC here" in capsys.readouterr().err
