@@ -6,12 +6,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Callable
 
-PACKAGES = ["torch", "numpy", "av", "webdataset", "nvidia-dali-cuda120", "ffcv", "decord2"]
+PACKAGES = ["torch", "numpy", "av", "webdataset", "nvidia-dali-cuda120", "nvidia-dali-cuda130", "ffcv", "decord2"]
 
 
 def cores() -> int:
@@ -89,9 +90,15 @@ def repeat_rates(configs: dict[str, Callable[[], float]], repeats: int) -> dict[
                 continue
             try:
                 runs[name].append(fn())
+                progress(f"{name}: {runs[name][-1]:.4g}")
             except Exception as e:
                 errors[name] = failure(e)
     return {name: errors.get(name) or summarize(v) for name, v in runs.items()}
+
+
+def progress(msg: str) -> None:
+    """One line per measurement on stderr, so a run cut short still shows what it measured."""
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def failure(e: Exception) -> dict:
