@@ -100,12 +100,13 @@ def _rate_reference(items, fn, workers: int, epochs: int) -> float:
     return clips / (time.perf_counter() - t)
 
 
-def _pack(videos: Path, out: Path, codec: str, copies: int) -> Path:
+def _pack(videos: Path, out: Path, codec: str, copies: int, *extra: str) -> Path:
     from shard_tools.make_shards import main as make_shards
     src = out / "src"
-    replicate(videos, src, copies)
-    dest = out / codec
-    rc = make_shards([str(src), str(dest), "--quiet", "--codec", codec, "--samples-per-shard", "16"])
+    if not src.exists():
+        replicate(videos, src, copies)
+    dest = out / "_".join([codec, *(e.strip("-") for e in extra)])
+    rc = make_shards([str(src), str(dest), "--quiet", "--codec", codec, "--samples-per-shard", "16", *extra])
     if rc != 0:
         raise SystemExit(f"benchmarks loader: packing {videos} failed (exit {rc})")
     return dest
@@ -168,6 +169,10 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
         configs[name] = lambda: _rate_loader(  # (on GPU capped at 30 s: DALI 2.4's NVDEC path was slow there)
             lambda: build_loader(dali_shards, backend="dali", num_workers=workers, **common), epochs,
             30.0 if device == "cuda" else float("inf"))
+        if device == "cuda":  # the same videos without B-frames: DALI copies out-of-order frames one by one
+            no_b = str(_pack(videos, tmp, "h264", copies, "--bframes", "0"))
+            configs["dali_mixed_h264_no_bframes"] = lambda: _rate_loader(
+                lambda: build_loader(no_b, backend="dali", num_workers=workers, **common), epochs, 30.0)
     except ImportError:
         notes.append("nvidia-dali is not installed: no dali figure")
     ffcv_sizes = None
@@ -196,6 +201,8 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
     dali = next((k for k in ("dali_mixed_h264", "dali_cpu_vp9") if k in results), None)
     if dali:
         ratios["dali_over_pyav"] = ratio(results, dali, "pyav")
+    if "dali_mixed_h264_no_bframes" in results:
+        ratios["dali_no_bframes_over_dali"] = ratio(results, "dali_mixed_h264_no_bframes", dali)
     if "ffcv" in results:
         ratios["ffcv_over_pyav"] = ratio(results, "ffcv", "pyav")
         ratios["ffcv_beton_over_tars"] = ffcv_sizes["beton_over_tars"]

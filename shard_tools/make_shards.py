@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gop", type=int, default=16, help="closed GOP: a keyframe every N frames")
     p.add_argument("--crf", type=int, default=None, help="quality (default: h264 23, vp9 32)")
     p.add_argument("--preset", default="veryfast", help="x264 preset")
+    p.add_argument("--bframes", type=int, default=None,
+                   help="x264 B-frames (default: the preset's); 0 = decode order is display order, which DALI's "
+                        "NVDEC path handles with fewer per-frame copies (see README)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, default=None)
     size.add_argument("--shard-size", type=parse_size, default=None, help="bytes per shard, e.g. 1GB (the default)")
@@ -258,13 +261,15 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.fps is not None and args.fps <= 0:
         raise UsageError("--fps must be positive")
+    if args.bframes is not None and (args.codec != "h264" or args.bframes < 0):
+        raise UsageError("--bframes is a count (0 or more) for --codec h264")
     workers = cores() if args.workers is None else args.workers
     copy = args.codec == "copy"
     settings = EncodeSettings(
         codec=args.codec,
         fps=None if copy else (args.fps or 30.0),
         short_side=None if copy else (256 if args.short_side is None else args.short_side),
-        gop=args.gop, crf=args.crf, preset=args.preset,
+        gop=args.gop, crf=args.crf, preset=args.preset, bframes=args.bframes,
         threads=max(1, cores() // max(1, workers)), min_frames=args.min_frames)
     ignored: list[str] = []
     layout, samples, classes = discover(args.src, args.layout, args.annotations, args.split_file, args.split,
@@ -277,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
         classes = []
     if not samples:
         raise UsageError(f"no videos found under {args.src} (layout {layout})")
-    recorded = {k: v for k, v in settings.as_dict().items() if k != "threads"}
+    recorded = {k: v for k, v in settings.as_dict().items()
+                if k != "threads" and not (k == "bframes" and v is None)}  # (as shards made before --bframes)
     max_bytes = args.shard_size or (None if args.samples_per_shard else parse_size("1GB"))
     run_config = {**recorded, "layout": layout, "src": os.path.abspath(args.src), "seed": args.seed,
                   "samples_per_shard": args.samples_per_shard, "shard_size": max_bytes,

@@ -43,6 +43,7 @@ class EncodeSettings:
     gop: int = 16
     crf: int | None = None       # None: codec default (h264 23, vp9 32)
     preset: str = "veryfast"     # x264 preset; vp9 uses realtime/cpu-used 8
+    bframes: int | None = None   # x264 B-frames; None: the preset's (3 for veryfast)
     threads: int = 1             # codec threads per worker process
     min_frames: int = 1
 
@@ -169,7 +170,8 @@ def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
         ost.options = {
             "crf": str(crf),
             "preset": s.preset,
-            "x264-params": f"keyint={s.gop}:min-keyint={s.gop}:scenecut=0:open-gop=0",
+            "x264-params": f"keyint={s.gop}:min-keyint={s.gop}:scenecut=0:open-gop=0"
+                           + (f":bframes={s.bframes}" if s.bframes is not None else ""),
         }
     else:
         ost.options = {

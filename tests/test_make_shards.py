@@ -260,7 +260,7 @@ def test_copy_keeps_the_stream(videos, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [["--codec", "copy", "--fps", "30"], ["--codec", "copy", "--short-side", "128"],
-                                   ["--gop", "0"]])
+                                   ["--gop", "0"], ["--codec", "vp9", "--bframes", "0"], ["--bframes", "-1"]])
 def test_usage_errors(real_tree, tmp_path, extra, capsys):
     assert make_shards([str(real_tree), str(tmp_path / "o"), "--quiet", *extra]) == 2
     assert "error" in capsys.readouterr().err
@@ -274,6 +274,26 @@ def test_missing_src_and_reused_out_are_usage_errors(tmp_path, h264_shards, real
     assert "no videos found" in capsys.readouterr().err
     assert make_shards([str(real_tree), str(h264_shards), "--quiet"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_bframes_option_sets_the_decode_order(videos, tmp_path):
+    import io
+    import av
+    from av.video.frame import PictureType
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(videos / "test.mp4", src / "test.mp4")
+    kinds = {}
+    for bframes in ("0", None):
+        out = tmp_path / f"out{bframes}"
+        args = [str(src), str(out), "--short-side", "64", "--quiet", "--workers", "0"]
+        assert make_shards(args + (["--bframes", bframes] if bframes else [])) == 0
+        (members,) = tar_samples(out).values()
+        with av.open(io.BytesIO(members["mp4"])) as c:
+            kinds[bframes] = {PictureType(f.pict_type).name for f in c.decode(video=0)}
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["settings"].get("bframes") == (0 if bframes else None)
+    assert "B" not in kinds["0"] and "B" in kinds[None]  # veryfast's default has B-frames
 
 
 def test_fps_and_short_side_as_asked(videos, tmp_path):
