@@ -166,13 +166,16 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
         import nvidia.dali  # noqa: F401
         dali_shards = h264 if device == "cuda" else vp9
         name = "dali_mixed_h264" if device == "cuda" else "dali_cpu_vp9"
-        configs[name] = lambda: _rate_loader(  # (on GPU capped at 30 s: DALI 2.4's NVDEC path was slow there)
-            lambda: build_loader(dali_shards, backend="dali", num_workers=workers, **common), epochs,
-            30.0 if device == "cuda" else float("inf"))
+        cap = 30.0 if device == "cuda" else float("inf")  # (on GPU: DALI 2.4's NVDEC path was slow there)
+
+        def dali_rate(path: str):
+            return lambda: _rate_loader(
+                lambda: build_loader(path, backend="dali", num_workers=workers, **common), epochs, cap)
+
+        configs[name] = dali_rate(dali_shards)
         if device == "cuda":  # the same videos without B-frames: DALI copies out-of-order frames one by one
-            no_b = str(_pack(videos, tmp, "h264", copies, "--bframes", "0"))
-            configs["dali_mixed_h264_no_bframes"] = lambda: _rate_loader(
-                lambda: build_loader(no_b, backend="dali", num_workers=workers, **common), epochs, 30.0)
+            configs["dali_mixed_h264_no_bframes"] = dali_rate(str(_pack(videos, tmp, "h264", copies,
+                                                                        "--bframes", "0")))
     except ImportError:
         notes.append("nvidia-dali is not installed: no dali figure")
     ffcv_sizes = None
