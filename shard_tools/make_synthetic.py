@@ -90,8 +90,10 @@ def _position(kind: str, angle: float, speed: float, t: float, start, size: int,
     return cy % size, cx % size  # wrap around the frame
 
 
-def render(cls: str, seed: int, num_frames: int = 96, size: int = 96) -> np.ndarray:
-    """uint8 [num_frames, size, size, 3] for one video of class ``cls``."""
+def render(cls: str, seed: int, num_frames: int = 96, size: int = 96, with_mask: bool = False):
+    """uint8 [num_frames, size, size, 3] for one video of class ``cls``; with
+    ``with_mask`` also the actor's bool mask [num_frames, size, size] (where
+    the moving object is, for scoring Instance Correspondence Maps)."""
     family, motion = cls.split("_", 1)
     _, angle, speed, kind = next(m for m in MOTIONS if m[0] == motion)
     rng = np.random.default_rng(seed)
@@ -106,6 +108,7 @@ def render(cls: str, seed: int, num_frames: int = 96, size: int = 96) -> np.ndar
                     rng.uniform(-0.2, 0.2, 2)) for _ in range(int(rng.integers(1, 4)))]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     frames = np.empty((num_frames, size, size, 3), np.uint8)
+    masks = np.empty((num_frames, size, size), bool)
     for t in range(num_frames):
         img = bg.copy()
         for dy0, dx0, dr, col, vel in distractors:
@@ -114,8 +117,9 @@ def render(cls: str, seed: int, num_frames: int = 96, size: int = 96) -> np.ndar
         cy, cx = _position(kind, angle, speed, t, start, size, phase)
         m = _mask(family, yy, xx, cy, cx, r)
         img[m] = actor_tex[m]
+        masks[t] = m
         frames[t] = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-    return frames
+    return (frames, masks) if with_mask else frames
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 30, vp9: bool = False) -> None:

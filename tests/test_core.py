@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tests.conftest import REPO
-from vthcl.icm import icm
+from vthcl.icm import actor_auc, icm
 from vthcl.memory import MemoryBank, ShardedMemoryBank
 from vthcl.model import VTHCL
 
@@ -56,15 +57,38 @@ def test_head_dense_equals_pooled_head_on_constant_maps():
     head = model.heads["slow_res5"]
     x = torch.randn(2, 64)
     fmap = x[:, :, None, None, None].expand(2, 64, 2, 3, 3)
-    assert torch.allclose(head.dense(fmap)[:, :, 1, 2, 0], head(x), atol=1e-5)
+    assert torch.allclose(F.normalize(head.dense(fmap), dim=1)[:, :, 1, 2, 0], head(x), atol=1e-5)
 
 
-def test_icm_shapes():
+def test_icm_is_the_dense_head_against_the_other_clips_embedding():
+    torch.manual_seed(0)
     model = VTHCL("r18", width=8).eval()
-    maps = icm(model, torch.randn(1, 3, 8, 64, 64), torch.randn(1, 3, 16, 64, 64))
+    slow, fast = torch.randn(1, 3, 8, 64, 64), torch.randn(1, 3, 16, 64, 64)
+    maps = icm(model, slow, fast)
     assert set(maps) == {"res3", "res4", "res5"}
     assert maps["res5"]["slow"].shape == (1, 8, 2, 2) and maps["res5"]["fast"].shape == (1, 16, 2, 2)
-    assert float(maps["res3"]["fast"].abs().max()) <= 1 + 1e-5  # cosines
+    with torch.no_grad():
+        sm, fm = model.maps(slow, fast)
+        z = model(slow, fast)                                       # [levels, (slow, fast), B, d]
+        dense = model.heads["fast_res4"].dense(fm["res4"])[0, :, 3, 1, 2]
+    assert torch.allclose(maps["res4"]["fast"][0, 3, 1, 2], dense @ z[1, 0, 0], atol=1e-5)
+    assert abs(float(dense.norm()) - 1) > 1e-3  # not cosines: the per-position magnitude is kept
+
+
+def test_actor_auc():
+    mask = torch.zeros(4, 16, 16)
+    mask[:, 4:8, 8:12] = 1
+    heat = F.avg_pool3d(mask[None, None], (1, 4, 4))[0, 0]         # the actor's cell hottest, on a 4x4 grid
+    assert actor_auc(heat, mask) == 1.0 and actor_auc(-heat, mask) == 0.0
+    assert actor_auc(torch.zeros(4, 4, 4), mask) == 0.5             # ties count half
+    assert np.isnan(actor_auc(heat, torch.zeros(4, 16, 16)))        # no actor
+    # in general: the pixel-level AUC of the map replicated over its cells
+    torch.manual_seed(0)
+    heat, mask = torch.randn(2, 4, 4), (torch.rand(4, 16, 16) < 0.3).float()
+    pixels = heat.repeat_interleave(2, 0).repeat_interleave(4, 1).repeat_interleave(4, 2).flatten()
+    pos, neg = pixels[mask.flatten() > 0], pixels[mask.flatten() == 0]
+    expected = float(((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean())
+    assert actor_auc(heat, mask) == pytest.approx(expected, abs=1e-9)
 
 
 # ----------------------------------------------------------------------------- loss

@@ -36,6 +36,26 @@ def test_synthetic_classes_mix_appearance_and_motion():
     assert not np.array_equal(a, render(names[0], seed=2, num_frames=8))  # nuisance varies per video
 
 
+def test_icm_scoring_clips_carry_the_actors_mask():
+    from vthcl.icm import score_maps, synthetic_clips
+    from vthcl.model import VTHCL
+    cfg = {"tau": 8, "alpha": 2, "slow_frames": 8, "crop_size": 56, "arch": "r18", "width": 8, "levels": 3}
+    clips = list(synthetic_clips(1, 4, cfg))
+    assert len(clips) == 4
+    frames, mask = render(class_names(4)[0], seed=10_000, with_mask=True)
+    assert mask.shape == frames.shape[:3] and 0 < mask.mean() < 0.2
+    for fast, m in clips:
+        assert fast.shape == (1, 3, 16, 56, 56) and m.shape == (16, 56, 56)
+        # the mask sits where the clip moves: frame differences are larger inside it
+        moving = (fast[0, :, 1:] - fast[0, :, :-1]).abs().sum(0)
+        inside = (m[1:] > 0.5) | (m[:-1] > 0.5)
+        assert float(moving[inside].mean()) > 3 * float(moving[~inside].mean())
+    torch.manual_seed(0)
+    scores = score_maps(VTHCL("r18", 8, 3, input="residual").eval(), clips, alpha=2)
+    assert set(scores) == {"res3", "res4", "res5"}
+    assert all(set(per) == {"slow", "fast"} and all(0 <= v <= 1 for v in per.values()) for per in scores.values())
+
+
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
@@ -97,6 +117,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "| linear probe, clips |" in report and "can and cannot show" in report
     for png in ("loss.png", "icm_res3.png", "icm_res4.png", "icm_res5.png"):
         assert (tmp_path / png).stat().st_size > 1000
+    for name in ("pretrained", "random"):
+        auc = results["icm_actor_auc"][name]
+        assert set(auc) == {"res3", "res4", "res5"} and all(0 <= v <= 1 for p in auc.values() for v in p.values())
+    assert "| res4, slow map |" in report
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "pretrain" / "metrics.jsonl")]
     assert len(losses) == 30 and all(np.isfinite(losses))
 
@@ -112,6 +136,10 @@ def test_signal_preset_runs_on_a_tiny_setting(preset, tmp_path, monkeypatch):
         assert results[metric]["pretrained"] == pytest.approx(sum(per_seed) / 2)
     assert set(results["seeds"]) == {"0", "1"} and len(results["goals"]) == 4
     assert (tmp_path / "report.md").exists() and (tmp_path / "loss.png").exists()
+    icm = results["icm_actor_auc"]
+    assert set(icm["seeds"]) == {"0", "1"} and (tmp_path / "icm_res5.png").exists()
+    assert icm["pretrained"]["res5"]["slow"] == pytest.approx(
+        sum(s["pretrained"]["res5"]["slow"] for s in icm["seeds"].values()) / 2)
     ck = torch.load(tmp_path / "seed0_alpha1" / "last.pt", weights_only=False)
     assert ck["config"]["alpha"] == 1 and ck["config"]["input"] == "residual" and ck["config"]["positive"] == "bank"
     aug = preset == "signal-aug"

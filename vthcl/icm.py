@@ -1,15 +1,24 @@
 """Instance Correspondence Maps (ICM): where in a clip is "the instance"?
 
 For each level, the map before global pooling of one pathway, passed
-through its φ with the fc layers as 1x1x1 convolutions (a unit embedding per
-position), is multiplied pointwise with the *other* clip's final embedding:
-the cosine per position, a heat map over [T, H, W].
+through its φ with the fc layers as 1x1x1 convolutions (an embedding per
+position), is multiplied pointwise with the *other* clip's final (unit)
+embedding: a heat map over [T, H, W]. As in the paper, the per-position
+embeddings are not normalised: their magnitude is part of the answer (with
+cosines every position counts alike, and the many background positions,
+which make up most of the pooled embedding, look most like it).
 
-    python -m vthcl.icm --checkpoint runs/pretrain/last.pt --video clip.mp4 --out icm/
+On the synthetic tempo videos the actor's position is known, so a map can be
+scored: ``actor_auc`` is the probability that a pixel covered by the actor
+is hotter than one that is not (0.5: no preference, 1: the actor is hotter
+everywhere, 0: colder everywhere).
+
+    python -m vthcl.icm --checkpoint runs/pretrain/last.pt --video clip.mp4 --out icm/ [--score 4]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,7 +31,7 @@ from vthcl.model import VTHCL
 @torch.no_grad()
 def icm(model: VTHCL, slow: torch.Tensor, fast: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
     """{level: {"slow": [B, T_s, H, W], "fast": [B, T_f, H, W]}}: each pathway's
-    dense embedding against the other clip's pooled embedding (cosines)."""
+    dense embedding against the other clip's pooled unit embedding."""
     slow_maps, fast_maps = model.maps(slow, fast)
     z = model.embed(slow_maps, fast_maps)  # [L, 2, B, d]
     out = {}
@@ -32,6 +41,69 @@ def icm(model: VTHCL, slow: torch.Tensor, fast: torch.Tensor) -> dict[str, dict[
         out[lvl] = {"slow": torch.einsum("bdthw,bd->bthw", dense_s, z[k, 1]),
                     "fast": torch.einsum("bdthw,bd->bthw", dense_f, z[k, 0])}
     return out
+
+
+def actor_auc(heat: torch.Tensor, mask: torch.Tensor) -> float:
+    """How much hotter the actor is than the rest: heat [T, h, w], mask [T', H, W]
+    (the actor's pixels; T', H, W multiples of T, h, w). Every pixel takes the
+    heat of the map cell it falls in; returns P(heat at an actor pixel > heat
+    at another pixel), ties counting half (the Mann-Whitney AUC, computed per
+    cell with the actor's coverage as weight); nan without actor or background."""
+    import torch.nn.functional as F
+    cover = F.adaptive_avg_pool3d(mask[None, None].double(), heat.shape)[0, 0].flatten()
+    h = heat.flatten().double()
+    pos, neg = cover, 1 - cover
+    if float(pos.sum()) == 0 or float(neg.sum()) == 0:
+        return float("nan")
+    diff = h[:, None] - h[None, :]
+    wins = (diff > 0).double() + 0.5 * (diff == 0).double()
+    return float(pos @ wins @ neg / (pos.sum() * neg.sum()))
+
+
+def score_maps(model: VTHCL, clips, alpha: int) -> dict[str, dict[str, float]]:
+    """Mean actor_auc per level and pathway over ``clips``, an iterable of
+    (fast clip [1, 3, T, S, S] normalised, actor mask [T, S, S])."""
+    scores: dict[str, dict[str, list]] = {}
+    for fast, mask in clips:
+        for lvl, pair in icm(model, fast[:, :, ::alpha].contiguous(), fast).items():
+            for pathway, heat in pair.items():
+                scores.setdefault(lvl, {}).setdefault(pathway, []).append(actor_auc(heat[0], mask))
+    return {lvl: {pw: round(float(np.nanmean(v)), 4) for pw, v in per.items()} for lvl, per in scores.items()}
+
+
+def score_checkpoint(model: VTHCL, cfg: dict, per_class: int, seed: int = 0, classes: int = 8) -> dict:
+    """actor_auc per level and pathway on synthetic clips, for ``model`` and for
+    a random initialisation of the same architecture (seed ``seed``)."""
+    torch.manual_seed(seed)
+    random = VTHCL(cfg["arch"], cfg["width"], cfg["levels"], input=cfg.get("input", "rgb")).eval()
+    clips = list(synthetic_clips(per_class, classes, cfg))
+    return {"actor_auc": {"pretrained": score_maps(model, clips, cfg["alpha"]),
+                          "random": score_maps(random, clips, cfg["alpha"])},
+            "clips": len(clips)}
+
+
+def synthetic_clips(per_class: int, classes: int, cfg: dict, seed: int = 10_000):
+    """Evaluation clips of the synthetic tempo videos (shard_tools.make_synthetic),
+    rendered with their actor masks: the centre window, sampled and cropped as
+    at evaluation (short side crop*8/7, centre square). Seeds from ``seed`` on,
+    apart from the ones make_synthetic uses for its sets."""
+    import torch.nn.functional as F
+    from loaders.common import MEAN, STD, ClipSpec
+    from shard_tools.make_synthetic import class_names, render
+    spec = ClipSpec(tau=cfg["tau"], alpha=cfg["alpha"], slow_frames=cfg["slow_frames"])
+    size = cfg["crop_size"]
+    short = size * 8 // 7
+    for c, name in enumerate(class_names(classes)):
+        for k in range(per_class):
+            frames, mask = render(name, seed + c * per_class + k, num_frames=max(96, spec.window), with_mask=True)
+            ids = spec.frame_ids(spec.starts(len(frames), train=False)[0], len(frames))
+            x = torch.from_numpy(frames[ids]).permute(3, 0, 1, 2).float()          # [3, T, H, W]
+            m = torch.from_numpy(mask[ids]).float()[None]
+            y0 = x0 = (short - size) // 2
+            x, m = (F.interpolate(v, size=(short, short), mode="bilinear", align_corners=False)
+                    [:, :, y0:y0 + size, x0:x0 + size] for v in (x, m))
+            x = (x - torch.tensor(MEAN).view(3, 1, 1, 1)) / torch.tensor(STD).view(3, 1, 1, 1)
+            yield x[None], m[0]
 
 
 def load_model(checkpoint: str, device: str = "cpu") -> tuple[VTHCL, dict]:
@@ -59,42 +131,49 @@ def clip_from_video(path: str, tau: int, alpha: int, slow_frames: int, crop_size
     return fast[:, :, ::alpha].contiguous(), fast, raw
 
 
-def overlay_png(raw: torch.Tensor, heat: torch.Tensor, path: Path, title: str) -> None:
-    """raw uint8 [3, T, S, S] frames; heat [T', h, w] -> a row of frames with the map over them."""
+def overlay_png(raw: torch.Tensor, heats: dict[str, torch.Tensor], path: Path, title: str) -> None:
+    """raw uint8 [3, T, S, S] frames; heats {row label: [T', h, w]} -> the frames,
+    then one row per map over them (each map scaled to its own min..max)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch.nn.functional as F
     T = raw.shape[1]
     size = raw.shape[-1]
-    up = F.interpolate(heat[None, None].float(), size=(T, size, size), mode="trilinear", align_corners=False)[0, 0]
-    lo, hi = float(up.min()), float(up.max())
-    up = (up - lo) / max(hi - lo, 1e-6)
     show = list(range(0, T, max(1, T // 8)))[:8]
-    fig, axes = plt.subplots(2, len(show), figsize=(2 * len(show), 4.3))
+    fig, axes = plt.subplots(1 + len(heats), len(show), figsize=(2 * len(show), 2.1 * (1 + len(heats)) + 0.3))
     axes = np.atleast_2d(axes)
     for j, t in enumerate(show):
-        img = raw[:, t].permute(1, 2, 0).numpy()
-        axes[0, j].imshow(img)
+        axes[0, j].imshow(raw[:, t].permute(1, 2, 0).numpy())
         axes[0, j].set_title(f"frame {t}", fontsize=8)
-        axes[1, j].imshow(img)
-        axes[1, j].imshow(up[t].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-        for ax in axes[:, j]:
-            ax.axis("off")
-    fig.suptitle(f"{title} (cosine {lo:.2f}..{hi:.2f})", fontsize=9)
+    for i, (label, heat) in enumerate(heats.items(), start=1):
+        up = F.interpolate(heat[None, None].float(), size=(T, size, size), mode="trilinear",
+                           align_corners=False)[0, 0]
+        lo, hi = float(up.min()), float(up.max())
+        up = (up - lo) / max(hi - lo, 1e-6)
+        for j, t in enumerate(show):
+            axes[i, j].imshow(raw[:, t].permute(1, 2, 0).numpy())
+            axes[i, j].imshow(up[t].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        axes[i, 0].set_title(f"{label} ({lo:.2f}..{hi:.2f})", fontsize=8, loc="left")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
 def write_icm_pngs(model: VTHCL, cfg: dict, video: str, out: Path, name: str = "icm") -> list[Path]:
+    """One PNG per level for the centre clip of ``video``: the frames, the fast
+    map against the slow clip's embedding, the slow map against the fast one's."""
     slow, fast, raw = clip_from_video(video, cfg["tau"], cfg["alpha"], cfg["slow_frames"], cfg["crop_size"])
     maps = icm(model, slow, fast)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for lvl, m in maps.items():
         path = out / f"{name}_{lvl}.png"
-        overlay_png(raw, m["fast"][0], path, f"ICM {lvl}: fast map x slow embedding — {Path(video).name}")
+        overlay_png(raw, {"fast map x slow embedding": m["fast"][0], "slow map x fast embedding": m["slow"][0]},
+                    path, f"ICM {lvl} — {Path(video).name} (red: hot)")
         paths.append(path)
     return paths
 
@@ -102,12 +181,27 @@ def write_icm_pngs(model: VTHCL, cfg: dict, video: str, out: Path, name: str = "
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vthcl.icm", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="last.pt written by vthcl.train")
-    p.add_argument("--video", required=True)
+    p.add_argument("--video", help="draw the maps of this video's centre clip (one PNG per level)")
     p.add_argument("--out", required=True)
+    p.add_argument("--score", type=int, default=0, metavar="K",
+                   help="score the maps on K synthetic videos per class (8 classes) against the actor's position: "
+                        "OUT/icm_score.json with actor_auc per level and pathway, for the checkpoint and for a "
+                        "random initialisation (seed --seed)")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if not args.video and not args.score:
+        p.error("give --video, --score or both")
     model, cfg = load_model(args.checkpoint)
-    for path in write_icm_pngs(model, cfg, args.video, Path(args.out)):
-        print(path)
+    out = Path(args.out)
+    if args.video:
+        for path in write_icm_pngs(model, cfg, args.video, out):
+            print(path)
+    if args.score:
+        result = score_checkpoint(model, cfg, args.score, args.seed)
+        result["checkpoint"] = args.checkpoint
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "icm_score.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
     return 0
 
 

@@ -145,10 +145,11 @@ class Head(nn.Module):
 
     def dense(self, fmap: torch.Tensor) -> torch.Tensor:
         """φ applied at every position of a [B, C, T, H, W] map, its fc layers as
-        1x1x1 convolutions: [B, d, T, H, W], L2-normalised over d."""
+        1x1x1 convolutions: [B, d, T, H, W], before the L2 normalisation (the
+        ICM keeps the magnitudes)."""
         y = F.conv3d(fmap, self.fc1.weight[:, :, None, None, None], self.fc1.bias)
         y = F.conv3d(F.relu(y), self.fc2.weight[:, :, None, None, None], self.fc2.bias)
-        return F.normalize(y, dim=1)
+        return y
 
 
 class VTHCL(nn.Module):
