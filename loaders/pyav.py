@@ -9,7 +9,8 @@ Stages (one readable pipeline, webdataset-style)::
       -> shuffle buffer before decoding                   (train)
       -> decode only the window: seek to the keyframe before it, decode to
          its last frame, convert only the frames kept
-      -> resize + RGB in one swscale pass per kept frame, crop, flip
+      -> RGB at the decoded size (swscale, no scaling) per kept frame, one
+         uint8 bilinear resize of the clip (torch), crop, flip
          (uint8 to the main process)
     main process: batch -> pinned memory -> device -> float, normalise
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 import torch
+import torch.nn.functional as F
 import webdataset as wds
 from webdataset import tariterators
 
@@ -134,17 +136,21 @@ def decode_frames(data: bytes, frame_ids: np.ndarray, fps: float, threads: int =
 
 
 def crop_clip(frames: list, crop: Crop, size: int) -> torch.Tensor:
-    """PyAV frames -> uint8 [3, T, size, size]: one swscale pass per distinct
-    frame (resize + RGB), then the crop and the mirror as views."""
+    """PyAV frames -> uint8 [3, T, size, size]: RGB at the decoded size (one
+    swscale pass per distinct frame, no scaling: its fast path), then one
+    bilinear resize of the whole clip in uint8 (torch; antialiased when
+    shrinking, as DALI's resize), the crop and the mirror."""
     rgb = {}
     for f in frames:
         if id(f) not in rgb:
-            rgb[id(f)] = f.to_ndarray(width=crop.width, height=crop.height, format="rgb24",
-                                      interpolation="BILINEAR")
-    clip = np.stack([rgb[id(f)] for f in frames])[:, crop.y0:crop.y0 + size, crop.x0:crop.x0 + size]
+            rgb[id(f)] = f.to_ndarray(format="rgb24")
+    x = torch.from_numpy(np.stack([rgb[id(f)] for f in frames])).permute(0, 3, 1, 2)  # [T, 3, H, W], channels last
+    if tuple(x.shape[-2:]) != (crop.height, crop.width):
+        x = F.interpolate(x, size=(crop.height, crop.width), mode="bilinear", align_corners=False, antialias=True)
+    x = x[:, :, crop.y0:crop.y0 + size, crop.x0:crop.x0 + size]
     if crop.flip:
-        clip = clip[:, :, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(clip.transpose(3, 0, 1, 2)))
+        x = x.flip(-1)
+    return x.permute(1, 0, 2, 3).contiguous()
 
 
 @dataclass
