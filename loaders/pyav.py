@@ -8,7 +8,8 @@ Stages (one readable pipeline, webdataset-style)::
       -> tar byte ranges -> webdataset tar expander -> group by key
       -> shuffle buffer before decoding                   (train)
       -> decode only the window: seek to the keyframe before it, decode to
-         its last frame, convert only the frames kept
+         its last frame, skipping disposable frames it does not keep;
+         convert only the frames kept
       -> RGB at the decoded size (swscale, no scaling) per kept frame, one
          uint8 bilinear resize of the clip (torch), crop, flip
          (uint8 to the main process)
@@ -110,25 +111,39 @@ def _open_ranges(chunks):
 def decode_frames(data: bytes, frame_ids: np.ndarray, fps: float, threads: int = 1) -> list:
     """The decoded frames ``frame_ids`` (any order, repeats allowed), as PyAV
     frames: seek to the keyframe before the first, decode up to the last, keep
-    only those asked for (no conversion yet)."""
+    only those asked for (no conversion yet). A packet whose frame is not
+    asked for is decoded only if other frames need it (the decoder's
+    ``skip_frame="NONREF"``: disposable B-frames are skipped, not decoded)."""
     wanted = set(int(i) for i in frame_ids)
     first, last = min(wanted), max(wanted)
     got: dict = {}
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        stream.codec_context.thread_count = threads
+        ctx = stream.codec_context
+        ctx.thread_count = threads
         tb = float(stream.time_base)
         t0 = stream.start_time or 0
+
+        def number(pts):
+            return int(round((pts - t0) * tb * fps)) if pts is not None else None
+
         if first > 0:
             container.seek(t0 + int(first / fps / tb), stream=stream, backward=True, any_frame=False)
-        for frame in container.decode(stream):
-            k = int(round((frame.pts - t0) * tb * fps)) if frame.pts is not None else None
-            if k is None or k < first:
+        for packet in container.demux(stream):
+            k = number(packet.pts)
+            if k is not None:
+                ctx.skip_frame = "DEFAULT" if k in wanted else "NONREF"
+            for frame in ctx.decode(packet):
+                k = number(frame.pts)
+                if k is None or k < first:
+                    continue
+                if k in wanted:
+                    got[k] = frame
+                if k >= last:
+                    break
+            else:
                 continue
-            if k in wanted:
-                got[k] = frame
-            if k >= last:
-                break
+            break
     missing = wanted - set(got)
     if missing:
         raise ValueError(f"frames {sorted(missing)[:4]}... not in the stream (decoded {len(got)} of {len(wanted)})")
