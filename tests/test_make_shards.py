@@ -76,6 +76,15 @@ def test_real_videos_packed_exactly(h264_shards, real_tree):
     assert [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)] == list(samples)
 
 
+def test_gop_is_exactly_the_requested_one(h264_shards):
+    """A keyframe every --gop (16) frames and nowhere else: the source's own
+    frame types must not leak into the encoder (they forced extra I-frames)."""
+    for members in tar_samples(h264_shards).values():
+        with av.open(io.BytesIO(members["mp4"])) as c:
+            types = [int(f.pict_type) for f in c.decode(video=0)]
+        assert [i for i, t in enumerate(types) if t == 1] == list(range(0, len(types), 16))
+
+
 def test_index_files_match_dali_wds2idx(h264_shards, tmp_path):
     wds2idx = pytest.importorskip("wds2idx")
     for tar in sorted(h264_shards.glob("*.tar")):
