@@ -145,3 +145,16 @@ def test_signal_preset_runs_on_a_tiny_setting(preset, tmp_path, monkeypatch):
     aug = preset == "signal-aug"
     assert ck["config"]["color_jitter"] == (0.4 if aug else 0.0) and bool(ck["config"]["independent_crops"]) == aug
     assert results["settings"]["preset"] == preset
+
+
+def test_signal_goals_on_means_of_accuracies():
+    from vthcl.demo import signal_goals
+    mean = lambda *v: sum(v) / len(v)  # noqa: E731
+    # +10.0 exactly, as means of 120-video accuracies computed in float32 (measured: a gap of 9.9999999)
+    knn = {"pretrained": mean(28.333333134651184, 22.499999403953552, 27.500000596046448),
+           "random": mean(13.333334028720856, 17.499999701976776, 17.499999701976776), "alpha1": 22.8}
+    assert knn["pretrained"] < knn["random"] + 10  # the plain comparison misses it
+    lin = {"pretrained": 20.0, "random": 10.1, "alpha1": 20.0}
+    goals = signal_goals({"linear": lin, "knn": knn})
+    assert goals == {"pretrained_over_random_+10_linear": False, "pretrained_over_random_+10_knn": True,
+                     "alpha2_over_alpha1_linear": False, "alpha2_over_alpha1_knn": True}
