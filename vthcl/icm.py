@@ -85,25 +85,25 @@ def score_checkpoint(model: VTHCL, cfg: dict, per_class: int, seed: int = 0, cla
 def synthetic_clips(per_class: int, classes: int, cfg: dict, seed: int = 10_000):
     """Evaluation clips of the synthetic tempo videos (shard_tools.make_synthetic),
     rendered with their actor masks: the centre window, sampled and cropped as
-    at evaluation (short side crop*8/7, centre square). Seeds from ``seed`` on,
-    apart from the ones make_synthetic uses for its sets."""
+    at evaluation (loaders.common.crop_params), normalised by the loaders'
+    Normalizer. Seeds from ``seed`` on, apart from the ones make_synthetic uses
+    for its sets."""
     import torch.nn.functional as F
-    from loaders.common import MEAN, STD, ClipSpec
+    from loaders.common import ClipSpec, Normalizer, crop_params
     from shard_tools.make_synthetic import class_names, render
     spec = ClipSpec(tau=cfg["tau"], alpha=cfg["alpha"], slow_frames=cfg["slow_frames"])
     size = cfg["crop_size"]
-    short = size * 8 // 7
+    finish = Normalizer(cfg["alpha"], True, "cpu")
     for c, name in enumerate(class_names(classes)):
         for k in range(per_class):
             frames, mask = render(name, seed + c * per_class + k, num_frames=max(96, spec.window), with_mask=True)
             ids = spec.frame_ids(spec.starts(len(frames), train=False)[0], len(frames))
+            crop = crop_params(frames.shape[1], frames.shape[2], size, train=False)
             x = torch.from_numpy(frames[ids]).permute(3, 0, 1, 2).float()          # [3, T, H, W]
             m = torch.from_numpy(mask[ids]).float()[None]
-            y0 = x0 = (short - size) // 2
-            x, m = (F.interpolate(v, size=(short, short), mode="bilinear", align_corners=False)
-                    [:, :, y0:y0 + size, x0:x0 + size] for v in (x, m))
-            x = (x - torch.tensor(MEAN).view(3, 1, 1, 1)) / torch.tensor(STD).view(3, 1, 1, 1)
-            yield x[None], m[0]
+            x, m = (F.interpolate(v, size=(crop.height, crop.width), mode="bilinear", align_corners=False)
+                    [:, :, crop.y0:crop.y0 + size, crop.x0:crop.x0 + size] for v in (x, m))
+            yield finish(x[None], None, {})["fast"], m[0]
 
 
 def load_model(checkpoint: str, device: str = "cpu") -> tuple[VTHCL, dict]:
@@ -117,7 +117,7 @@ def load_model(checkpoint: str, device: str = "cpu") -> tuple[VTHCL, dict]:
 def clip_from_video(path: str, tau: int, alpha: int, slow_frames: int, crop_size: int):
     """The centre window of a video file, centre-cropped, normalised: (slow, fast, uint8 fast frames)."""
     import av
-    from loaders.common import MEAN, STD, ClipSpec, crop_params
+    from loaders.common import ClipSpec, Normalizer, crop_params
     from loaders.pyav import crop_clip
     with av.open(path) as c:
         frames = list(c.decode(video=0))
@@ -126,9 +126,8 @@ def clip_from_video(path: str, tau: int, alpha: int, slow_frames: int, crop_size
     picked = [frames[i] for i in ids]
     crop = crop_params(picked[0].height, picked[0].width, crop_size, train=False)
     raw = crop_clip(picked, crop, crop_size)                      # uint8 [3, T, S, S]
-    x = (raw.float() - torch.tensor(MEAN).view(3, 1, 1, 1)) / torch.tensor(STD).view(3, 1, 1, 1)
-    fast = x[None]
-    return fast[:, :, ::alpha].contiguous(), fast, raw
+    clip = Normalizer(alpha, True, "cpu")(raw[None], None, {})
+    return clip["slow"], clip["fast"], raw
 
 
 def overlay_png(raw: torch.Tensor, heats: dict[str, torch.Tensor], path: Path, title: str) -> None:
