@@ -184,8 +184,8 @@ def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
     frames = _decoded_frames(container, stream)
     for frame in resample_times(frames, float(fps), float(1 / _input_rate(stream))):
         img = frame.reformat(width=w, height=h, format="yuv420p", interpolation="AREA")
-        # the source's frame type would be forced on the encoder (an I-frame wherever the source had one, ...):
-        # that overrides --gop/--bframes and made x264's output differ from run to run
+        # the source's frame type would be forced on the encoder (an I-frame wherever the source had one, ...),
+        # overriding --gop/--bframes
         img.pict_type = PictureType.NONE
         img.pts, img.time_base = n, tb
         for packet in ost.encode(img):
