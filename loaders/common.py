@@ -283,7 +283,14 @@ class Timer:
 class Normalizer:
     """Finishes a batch of the contract on the device: uint8/float clips ->
     float (normalised or 0..255), slow = fast[:, :, ::alpha] unless given,
-    optional channels_last_3d, every tensor on ``device``."""
+    optional channels_last_3d, every tensor on ``device``.
+
+    ``fast``/``slow`` are batch tensors, or lists of per-clip tensors
+    [C, T, H, W] (the PyAV backend's worker outputs): on a CPU device each
+    clip is converted and normalised straight into the float batch, one clip
+    at a time while it is in cache, with no uint8 batch in between; on a GPU
+    the list is stacked (into pinned memory with ``pin_memory``), sent as
+    uint8 and converted there."""
 
     def __init__(self, alpha: int, normalize: bool, device, channels_last: bool = False):
         import torch
@@ -292,19 +299,28 @@ class Normalizer:
         self.device = torch.device(device)
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1, 1)
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1, 1)
+        self.format = torch.channels_last_3d if channels_last else torch.contiguous_format
 
-    def _prep(self, x):
+    def _prep(self, x, pin_memory: bool):
+        torch = self.torch
+        if isinstance(x, (list, tuple)):
+            if self.device.type == "cpu":
+                out = torch.empty((len(x), *x[0].shape), dtype=torch.float32, memory_format=self.format)
+                for o, clip in zip(out, x):
+                    o.copy_(clip)
+                    if self.normalize:
+                        o.sub_(self.mean[0]).div_(self.std[0])
+                return out
+            x = torch.stack(x, out=torch.empty((len(x), *x[0].shape), dtype=x[0].dtype, pin_memory=pin_memory))
         x = x.to(self.device, non_blocking=True).float()
         if self.normalize:
             x = x.sub_(self.mean).div_(self.std)
-        return x
+        return x.contiguous(memory_format=self.format)
 
-    def __call__(self, fast, slow, meta: dict) -> dict:
-        fast = self._prep(fast)
-        slow = fast[:, :, :: self.alpha].contiguous() if slow is None else self._prep(slow)
-        if self.channels_last:
-            fmt = self.torch.channels_last_3d
-            fast, slow = fast.contiguous(memory_format=fmt), slow.contiguous(memory_format=fmt)
+    def __call__(self, fast, slow, meta: dict, pin_memory: bool = False) -> dict:
+        fast = self._prep(fast, pin_memory)
+        slow = fast[:, :, :: self.alpha] if slow is None else self._prep(slow, pin_memory)
+        slow = slow.contiguous(memory_format=self.format)
         out = {"slow": slow, "fast": fast}
         out.update({k: v.to(self.device, non_blocking=True) for k, v in meta.items()})
         return out

@@ -128,6 +128,38 @@ def test_pyav_skips_disposable_frames_and_returns_the_same_pixels(h264_shards):
     assert skipped > 0  # the real videos' shards do have disposable frames: the skipping was exercised
 
 
+def test_crop_clip_resizes_only_the_window_on_the_whole_frame_grid():
+    """crop_clip resizes only the source window its square reads: pixel for
+    pixel the whole-frame resize -> crop -> mirror where that window's grid
+    coincides with the frame's (no resize, or a window at the frame's edge),
+    (or the ones up to 8 pixels further out: scale 5/4 always has one), and
+    within a sub-pixel shift of it elsewhere (a smooth image: small
+    differences)."""
+    import av
+    import torch.nn.functional as F
+    from loaders.common import Crop
+    from loaders.pyav import crop_clip
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randint(0, 256, (3, 3, 6, 8), generator=g).float()
+    imgs = F.interpolate(coarse, size=(96, 128), mode="bicubic").clamp(0, 255).round().to(torch.uint8)
+    frames = [av.VideoFrame.from_ndarray(i.permute(1, 2, 0).contiguous().numpy(), format="rgb24") for i in imgs]
+    size = 48
+    for crop, exact in [(Crop(96, 128, 10, 20, False), True), (Crop(96, 128, 48, 80, True), True),
+                        (Crop(120, 160, 0, 0, True), True), (Crop(120, 160, 0, 112, False), True),
+                        (Crop(120, 160, 37, 51, True), True), (Crop(61, 81, 5, 19, False), False),
+                        (Crop(133, 177, 70, 90, False), False)]:
+        whole = F.interpolate(imgs, size=(crop.height, crop.width), mode="bilinear", align_corners=False,
+                              antialias=True)[:, :, crop.y0:crop.y0 + size, crop.x0:crop.x0 + size]
+        whole = (whole.flip(-1) if crop.flip else whole).permute(1, 0, 2, 3)
+        got = crop_clip(frames[:2] + frames[:1], crop, size)  # a repeated frame (looped videos) as well
+        assert got.shape == (3, 3, size, size) and got.is_contiguous()
+        diff = (got.int() - whole[:, [0, 1, 0]].int()).abs()
+        if exact:
+            assert diff.max() == 0, crop
+        else:
+            assert 0 < diff.float().mean() < 1.5 and diff.max() < 24, (crop, diff.float().mean(), diff.max())
+
+
 @pytest.mark.parametrize("backend,shards", [("pyav", "coded_h264"), ("dali", "coded_vp9"),
                                             pytest.param("ffcv", "coded_beton", marks=FFCV)])
 def test_same_crop_for_the_pair_and_different_crops_across_samples(backend, shards, request):
