@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from av.video.reformatter import VideoReformatter
 from webdataset import tariterators
