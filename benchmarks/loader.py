@@ -5,7 +5,9 @@ window of 64 frames, 16 fast frames, random short-side jitter + 224 crop +
 flip) with the same number of workers (processes; threads for dali and
 ffcv), side by side in one run. The ffcv backend reads the same shards
 converted by make_ffcv (JPEG q90); its .beton size against the tars is in
-the settings.
+the settings. ``pyav_workers_only`` counts the pyav workers' uint8 clips
+before the main process batches them (on a CPU device it makes the float
+batch on the same cores; on cuda that happens on the GPU).
 """
 from __future__ import annotations
 
@@ -90,6 +92,18 @@ def _rate_loader(make, epochs: int, max_seconds: float = float("inf")) -> float:
     return clips / (time.perf_counter() - t)
 
 
+def _rate_clips(make, epochs: int) -> float:
+    """clips/s of the pyav workers alone: their uint8 clips, not batched, no float batch made."""
+    loader = make()
+    loader.set_epoch(epochs)  # warm-up, not timed, as in _rate_loader
+    next(iter(loader))
+    clips, t = 0, time.perf_counter()
+    for e in range(epochs):
+        loader.set_epoch(e)
+        clips += sum(1 for c in loader.clips() if "__skip__" not in c)
+    return clips / (time.perf_counter() - t)
+
+
 def _rate_reference(items, fn, workers: int, epochs: int) -> float:
     clips, t = 0, time.perf_counter()
     for e in range(epochs):
@@ -148,6 +162,8 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
     configs = {
         "pyav": lambda: _rate_loader(lambda: build_loader(h264, backend="pyav", num_workers=workers, **common),
                                      epochs),
+        "pyav_workers_only": lambda: _rate_clips(
+            lambda: build_loader(h264, backend="pyav", num_workers=workers, **common), epochs),
         "synthetic": lambda: _rate_loader(lambda: build_loader(h264, backend="synthetic", **common), epochs),
         "slowfast_style_original_files": lambda: _rate_reference(file_items, references.slowfast_style, workers,
                                                                  epochs),
@@ -198,6 +214,8 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
         "pyav_over_slowfast_style": ratio(results, "pyav", "slowfast_style_original_files"),
         "pyav_over_slowfast_style_same_shards": ratio(results, "pyav", "slowfast_style_same_shards"),
         "pyav_over_codec_limit": ratio(results, "pyav", "codec_limit_same_shards"),
+        # the same workers without the batch the main process makes (float on a CPU device, on the GPU on cuda)
+        "pyav_workers_only_over_codec_limit": ratio(results, "pyav_workers_only", "codec_limit_same_shards"),
     }
     if "decord_style_same_shards" in results:
         ratios["pyav_over_decord"] = ratio(results, "pyav", "decord_style_same_shards")

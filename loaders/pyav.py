@@ -325,17 +325,27 @@ class PyAVLoader(EpochState):
                           self.num_clips, self.num_crops, self.decode_threads)
         return _Clips(chunks, maker, self.shuffle_buffer, skip_samples, self.seed, self.epoch, self.rank)
 
+    def _workers(self, skip_samples: int = 0) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            self._dataset(skip_samples), batch_size=None, num_workers=self.num_workers,
+            prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
+
+    def clips(self):
+        """This epoch's clips as the workers hand them over, before batching:
+        dicts with uint8 ``fast`` [3, T, S, S], ``label``, ``index``,
+        ``frame_ids`` (a skipped member: ``__skip__`` and ``__key__``). For
+        inspection and for measuring the workers' side alone (the loader
+        benchmark); training uses the batches."""
+        yield from self._workers()
+
     def __iter__(self):
         start = self._take_resume()
         total = len(self)
         if start >= total:
             return
         skip = start * self.batch_size // self._views()
-        loader = torch.utils.data.DataLoader(
-            self._dataset(skip), batch_size=None, num_workers=self.num_workers,
-            prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
         batch, owed, last_good = [], 0, None
-        it = iter(loader)
+        it = iter(self._workers(skip))
         while self._batches < total:
             with Timer(self.stats):
                 item = next(it, None)

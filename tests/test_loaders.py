@@ -338,6 +338,16 @@ def test_normalize_and_channels_last(h264_shards):
     assert loader.stats.clips == 5 and loader.stats.batches == 1
 
 
+def test_pyav_clips_are_the_batches_before_finishing(h264_shards):
+    loader = build_loader(str(h264_shards), backend="pyav", batch_size=8, device="cpu", crop_size=32,
+                          num_workers=0, train=False, normalize=False)
+    clips = [c for c in loader.clips()]
+    (b,) = list(loader)
+    assert all(c["fast"].dtype == torch.uint8 for c in clips)
+    assert torch.equal(torch.stack([c["fast"] for c in clips]).float(), b["fast"])
+    assert [c["index"] for c in clips] == b["index"].tolist()
+
+
 def test_shard_sources_accepted(h264_shards):
     tars = sorted(str(p) for p in h264_shards.glob("*.tar"))
     manifest = json.loads((h264_shards / "manifest.json").read_text())
