@@ -192,9 +192,10 @@ def crop_clip(frames: list, crop: Crop, size: int) -> torch.Tensor:
     side) only the square is copied. Otherwise only the source window the
     square reads is resized (uint8 bilinear in torch, antialiased when
     shrinking, as DALI's resize) with the scale of the whole-frame resize;
-    its pixel grid starts at the window's corner, so it sits less than one
-    output pixel from the whole-frame grid (a sub-pixel shift of a random
-    crop). The mirror is taken in the final copy.
+    its pixel grid starts at the window's corner, chosen (see ``_window``) so
+    that it meets the whole-frame grid where it can and otherwise lies at most
+    half an output pixel from it (a sub-pixel shift of a random crop). The
+    mirror is taken in the final copy.
     """
     rgb = {}
     for f in frames:
