@@ -77,30 +77,22 @@ def _file_items(videos: Path) -> list:
     return items
 
 
-def _rate_loader(make, epochs: int, max_seconds: float = float("inf")) -> float:
-    """clips/s over ``epochs`` epochs, or up to the batch that passes ``max_seconds``."""
+def _rate_loader(make, epochs: int, max_seconds: float = float("inf"), workers_only: bool = False) -> float:
+    """clips/s over ``epochs`` epochs, or up to the batch that passes ``max_seconds``.
+    ``workers_only``: count the pyav workers' uint8 clips before the main
+    process batches them (``PyAVLoader.clips``), no float batch made."""
     loader = make()
     loader.set_epoch(epochs)  # warm-up, not timed: FFCV compiles its pipeline on the first batch
     next(iter(loader))
     clips, t = 0, time.perf_counter()
     for e in range(epochs):
         loader.set_epoch(e)
-        for b in loader:
-            clips += b["fast"].shape[0]
+        counts = ((1 for c in loader.clips() if "__skip__" not in c) if workers_only
+                  else (b["fast"].shape[0] for b in loader))
+        for n in counts:
+            clips += n
             if time.perf_counter() - t > max_seconds:
                 return clips / (time.perf_counter() - t)
-    return clips / (time.perf_counter() - t)
-
-
-def _rate_clips(make, epochs: int) -> float:
-    """clips/s of the pyav workers alone: their uint8 clips, not batched, no float batch made."""
-    loader = make()
-    loader.set_epoch(epochs)  # warm-up, not timed, as in _rate_loader
-    next(iter(loader))
-    clips, t = 0, time.perf_counter()
-    for e in range(epochs):
-        loader.set_epoch(e)
-        clips += sum(1 for c in loader.clips() if "__skip__" not in c)
     return clips / (time.perf_counter() - t)
 
 
@@ -162,8 +154,8 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
     configs = {
         "pyav": lambda: _rate_loader(lambda: build_loader(h264, backend="pyav", num_workers=workers, **common),
                                      epochs),
-        "pyav_workers_only": lambda: _rate_clips(
-            lambda: build_loader(h264, backend="pyav", num_workers=workers, **common), epochs),
+        "pyav_workers_only": lambda: _rate_loader(
+            lambda: build_loader(h264, backend="pyav", num_workers=workers, **common), epochs, workers_only=True),
         "synthetic": lambda: _rate_loader(lambda: build_loader(h264, backend="synthetic", **common), epochs),
         "slowfast_style_original_files": lambda: _rate_reference(file_items, references.slowfast_style, workers,
                                                                  epochs),

@@ -131,9 +131,9 @@ def test_pyav_skips_disposable_frames_and_returns_the_same_pixels(h264_shards):
 def test_crop_clip_resizes_only_the_window_on_the_whole_frame_grid():
     """crop_clip resizes only the source window its square reads: pixel for
     pixel the whole-frame resize -> crop -> mirror where that window's grid
-    coincides with the frame's (no resize, or a window at the frame's edge),
-    (or the ones up to 8 pixels further out: scale 5/4 always has one), and
-    within a sub-pixel shift of it elsewhere (a smooth image: small
+    coincides with the frame's (no resize; a window at the frame's edge; a
+    window start found up to 8 pixels further out, which scale 5/4 always
+    has), and within a sub-pixel shift of it elsewhere (a smooth image: small
     differences)."""
     import av
     import torch.nn.functional as F
