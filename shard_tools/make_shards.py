@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bframes", type=int, default=None,
                    help="x264 B-frames (default: the preset's); 0 = decode order is display order, which DALI's "
                         "NVDEC path handles with fewer per-frame copies (see README)")
+    p.add_argument("--b-refs", action="store_true",
+                   help="let x264 use B-frames as references (B-pyramid, adaptive placement: its default, ~1%% "
+                        "smaller); by default no B-frame is a reference, so the loaders skip decoding those a "
+                        "clip does not keep (fewer frames decoded per clip, see README)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, default=None)
     size.add_argument("--shard-size", type=parse_size, default=None, help="bytes per shard, e.g. 1GB (the default)")
@@ -263,13 +267,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--fps must be positive")
     if args.bframes is not None and (args.codec != "h264" or args.bframes < 0):
         raise UsageError("--bframes is a count (0 or more) for --codec h264")
+    if args.b_refs and args.codec != "h264":
+        raise UsageError("--b-refs is an x264 option (--codec h264)")
     workers = cores() if args.workers is None else args.workers
     copy = args.codec == "copy"
     settings = EncodeSettings(
         codec=args.codec,
         fps=None if copy else (args.fps or 30.0),
         short_side=None if copy else (256 if args.short_side is None else args.short_side),
-        gop=args.gop, crf=args.crf, preset=args.preset, bframes=args.bframes,
+        gop=args.gop, crf=args.crf, preset=args.preset, bframes=args.bframes, b_refs=args.b_refs,
         threads=max(1, cores() // max(1, workers)), min_frames=args.min_frames)
     ignored: list[str] = []
     layout, samples, classes = discover(args.src, args.layout, args.annotations, args.split_file, args.split,

@@ -45,6 +45,7 @@ class EncodeSettings:
     crf: int | None = None       # None: codec default (h264 23, vp9 32)
     preset: str = "veryfast"     # x264 preset; vp9 uses realtime/cpu-used 8
     bframes: int | None = None   # x264 B-frames; None: the preset's (3 for veryfast)
+    b_refs: bool = False         # x264's B-pyramid + adaptive B placement; off: every B-frame is disposable
     threads: int = 1             # codec threads per worker process
     min_frames: int = 1
 
@@ -172,7 +173,9 @@ def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
             "crf": str(crf),
             "preset": s.preset,
             "x264-params": f"keyint={s.gop}:min-keyint={s.gop}:scenecut=0:open-gop=0"
-                           + (f":bframes={s.bframes}" if s.bframes is not None else ""),
+                           + (f":bframes={s.bframes}" if s.bframes is not None else "")
+                           # no B-frame is a reference: a clip decode skips every one it does not keep
+                           + ("" if s.b_refs else ":b-pyramid=none:b-adapt=0"),
         }
     else:
         ost.options = {

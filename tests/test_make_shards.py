@@ -305,6 +305,33 @@ def test_bframes_option_sets_the_decode_order(videos, tmp_path):
     assert "B" not in kinds["0"] and "B" in kinds[None]  # veryfast's default has B-frames
 
 
+def test_b_frames_are_disposable_unless_b_refs(videos, tmp_path):
+    """By default no B-frame is a reference, so a decoder told to skip
+    non-reference frames (as the pyav loader is, for frames a clip does not
+    keep) skips every B-frame; with --b-refs x264's B-pyramid makes some of
+    them references."""
+    import io
+    import av
+    from av.video.frame import PictureType
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(videos / "test.mp4", src / "test.mp4")
+    kept = {}
+    for flag in ([], ["--b-refs"]):
+        out = tmp_path / f"out{len(flag)}"
+        assert make_shards([str(src), str(out), "--short-side", "64", "--quiet", "--workers", "0", *flag]) == 0
+        (members,) = tar_samples(out).values()
+        with av.open(io.BytesIO(members["mp4"])) as c:
+            all_kinds = [PictureType(f.pict_type).name for f in c.decode(video=0)]
+        with av.open(io.BytesIO(members["mp4"])) as c:
+            c.streams.video[0].codec_context.skip_frame = "NONREF"
+            kept[bool(flag)] = [PictureType(f.pict_type).name for f in c.decode(video=0)]
+        assert all_kinds.count("B") > len(all_kinds) // 3, all_kinds
+        assert json.loads((out / "manifest.json").read_text())["settings"]["b_refs"] is bool(flag)
+    assert "B" not in kept[False] and "B" in kept[True]
+    assert make_shards([str(src), str(tmp_path / "vp9"), "--codec", "vp9", "--b-refs", "--quiet"]) == 2
+
+
 def test_fps_and_short_side_as_asked(videos, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
