@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loaders import build_loader
-from loaders.common import ClipSpec, rank_indices
+from loaders.common import ClipSpec, Normalizer, rank_indices
 from shard_tools.wds_index import write_index
 from tests import media
 
@@ -346,6 +346,39 @@ def test_pyav_clips_are_the_batches_before_finishing(h264_shards):
     assert all(c["fast"].dtype == torch.uint8 for c in clips)
     assert torch.equal(torch.stack([c["fast"] for c in clips]).float(), b["fast"])
     assert [c["index"] for c in clips] == b["index"].tolist()
+
+
+def test_cpu_batches_reuse_a_buffer_only_when_nothing_holds_it():
+    """The CPU batches of per-clip inputs come from reused buffers: a buffer
+    goes out again only when no batch, view or autograd graph holds it."""
+    finish = Normalizer(2, True, "cpu")
+    gen = torch.Generator().manual_seed(0)
+
+    def batch():
+        clips = [torch.randint(0, 256, (3, 4, 8, 8), dtype=torch.uint8, generator=gen) for _ in range(3)]
+        b = finish(clips, None, {})
+        assert torch.allclose(b["fast"], (torch.stack(clips).float() - 0.45 * 255) / (0.225 * 255))
+        assert torch.equal(b["slow"], b["fast"][:, :, ::2])
+        return b
+
+    b1 = batch()
+    first, kept = b1["fast"].data_ptr(), b1["fast"].clone()
+    b2 = batch()  # b1 is held: another buffer, b1 untouched
+    assert b2["fast"].data_ptr() != first and torch.equal(b1["fast"], kept)
+    second = b2["fast"].data_ptr()
+    del b1
+    b3 = batch()  # nothing holds b1's buffer any more
+    assert b3["fast"].data_ptr() == first and b3["slow"].data_ptr() != b2["slow"].data_ptr()
+    w = torch.ones(1, requires_grad=True)
+    loss = (b3["fast"] * w).sum()  # the graph keeps b3's fast for w's gradient
+    want = b3["fast"].sum()
+    del b3, b2
+    b4 = batch()  # b2's buffer is free, b3's is held by the graph
+    assert b4["fast"].data_ptr() == second
+    b5 = batch()  # both kept buffers are held: a new one
+    assert b5["fast"].data_ptr() not in (first, second)
+    loss.backward()
+    assert torch.allclose(w.grad, want.view(1))
 
 
 def test_shard_sources_accepted(h264_shards):
