@@ -254,7 +254,8 @@ class ClipMaker:
             for crop_idx in range(1 if self.train else self.num_crops):
                 crop = crop_params(h, w, self.crop_size, self.train, rng, crop_idx, self.num_crops)
                 out = {"fast": crop_clip(frames, crop, self.crop_size), "label": label, "index": index,
-                       "frame_ids": ids, "view": views}  # numpy: pickled inline, no shared-memory segment
+                       # a list: pickled inline (the DataLoader would turn an array into a shared-memory tensor)
+                       "frame_ids": ids.tolist(), "view": views}
                 if self.independent_crops:
                     slow_crop = crop_params(h, w, self.crop_size, self.train, rng, crop_idx, self.num_crops)
                     out["slow"] = crop_clip(frames[:: self.spec.alpha], slow_crop, self.crop_size)
@@ -336,7 +337,7 @@ class PyAVLoader(EpochState):
     def clips(self):
         """This epoch's clips as the workers hand them over, before batching:
         dicts with uint8 ``fast`` [3, T, S, S], ``label``, ``index``,
-        ``frame_ids`` (numpy) (a skipped member: ``__skip__`` and ``__key__``). For
+        ``frame_ids`` (a list) (a skipped member: ``__skip__`` and ``__key__``). For
         inspection and for measuring the workers' side alone (the loader
         benchmark); training uses the batches."""
         yield from self._workers()
@@ -379,5 +380,5 @@ class PyAVLoader(EpochState):
         slow = [i["slow"] for i in items] if self.independent_crops else None
         keys = ("label", "index", "view") if self._views() > 1 else ("label", "index")
         meta = {k: torch.as_tensor([i[k] for i in items], dtype=torch.int64) for k in keys}
-        meta["frame_ids"] = torch.from_numpy(np.stack([i["frame_ids"] for i in items]))
+        meta["frame_ids"] = torch.tensor([i["frame_ids"] for i in items], dtype=torch.int64)
         return self.finish(fast, slow, meta, self.pin_memory)
