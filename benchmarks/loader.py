@@ -143,7 +143,7 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
     workers = workers or cores()
     copies = 2 if quick else (32 if device == "cuda" else 8)  # a GPU decoder needs more clips to reach its rate
     epochs = 1 if quick else 2
-    repeats = 1 if quick else 3
+    repeats = 1 if quick else 5  # one measurement is ~1-20 s on 2 cores: 3 left the ratios 0.1 apart run to run
     tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     h264 = shards or str(_pack(videos, tmp, "h264", copies))
     vp9 = str(_pack(videos, tmp, "vp9", copies)) if device == "cpu" else None
