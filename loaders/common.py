@@ -361,9 +361,10 @@ class Normalizer:
 
     def __call__(self, fast, slow, meta: dict, pin_memory: bool = False) -> dict:
         torch = self.torch
+        if not self.threads:
+            return self._finish(fast, slow, meta, pin_memory)
         before = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)
         try:
             return self._finish(fast, slow, meta, pin_memory)
         finally:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shard_tools.make_synthetic import class_names, make, render
+from vthcl.demo import icm_verdict
 from vthcl.eval import knn, linear_probe, main as eval_main, retrieval
 
 
@@ -105,6 +106,16 @@ def test_eval_from_slow_encoder_state_dict(tiny_set, tiny_checkpoint, tmp_path):
                       paths["train"], "--val", paths["val"], "--out", str(tmp_path)]) == 0
 
 
+def test_icm_verdict_follows_the_scores():
+    def auc(slow, fast):
+        return {"res3": {"slow": 0.5, "fast": 0.5}, "res5": {"slow": slow, "fast": fast}}
+    hot = icm_verdict({"pretrained": auc(0.9, 0.7), "random": auc(0.5, 0.3)}, 120)
+    assert "the moving actor is the hotter region" in hot and "actor_auc 0.65 over the maps (0.90 on the slow" in hot
+    assert "random init 0.45" in hot and "after 120 epochs" in hot
+    assert "the colder region" in icm_verdict({"pretrained": auc(0.2, 0.3), "random": auc(0.5, 0.5)}, 60)
+    assert "neither hotter nor colder" in icm_verdict({"pretrained": auc(0.5, 0.5), "random": auc(0.5, 0.5)}, 60)
+
+
 def test_quick_demo_end_to_end(tmp_path):
     from vthcl.demo import main
     assert main(["--quick", "--out", str(tmp_path)]) == 0
@@ -121,6 +132,7 @@ def test_quick_demo_end_to_end(tmp_path):
         auc = results["icm_actor_auc"][name]
         assert set(auc) == {"res3", "res4", "res5"} and all(0 <= v <= 1 for p in auc.values() for v in p.values())
     assert "| res4, slow map |" in report
+    assert icm_verdict(results["icm_actor_auc"], 6) in report
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "pretrain" / "metrics.jsonl")]
     assert len(losses) == 30 and all(np.isfinite(losses))
 
