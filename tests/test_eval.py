@@ -141,12 +141,17 @@ def test_quick_demo_end_to_end(tmp_path):
 def test_signal_preset_runs_on_a_tiny_setting(preset, tmp_path, monkeypatch):
     from vthcl import demo
     monkeypatch.setitem(demo.PRESETS, preset, dict(demo.PRESETS[preset], videos=32, epochs=1, seeds=2))
-    results = demo.run_signal(tmp_path, seed=0, levels=1, preset=preset)
+    levels = 2 if preset == "signal" else 1  # D=1 runs are added for D > 1
+    results = demo.run_signal(tmp_path, seed=0, levels=levels, preset=preset)
     for metric in ("linear", "knn"):
-        assert set(results[metric]) == {"pretrained", "alpha1", "random"}
+        assert set(results[metric]) == {"pretrained", "alpha1", "random"} | ({"levels1"} if levels > 1 else set())
         per_seed = [r["pretrained"][metric] for r in results["seeds"].values()]
         assert results[metric]["pretrained"] == pytest.approx(sum(per_seed) / 2)
-    assert set(results["seeds"]) == {"0", "1"} and len(results["goals"]) == 4
+    assert set(results["seeds"]) == {"0", "1"} and len(results["goals"]) == (6 if levels > 1 else 4)
+    if levels > 1:
+        d1 = torch.load(tmp_path / "seed1_alpha2_levels1" / "last.pt", weights_only=False)["config"]
+        assert d1["levels"] == 1 and d1["alpha"] == 2 and "levels2_at_least_levels1_knn" in results["goals"]
+        assert "VTHCL alpha=2, D=1" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "report.md").exists() and (tmp_path / "loss.png").exists()
     icm = results["icm_actor_auc"]
     assert set(icm["seeds"]) == {"0", "1"} and (tmp_path / "icm_res5.png").exists()

@@ -149,15 +149,21 @@ def signal_goals(results: dict) -> dict[str, bool]:
 
     def gap(r, a, b):
         return round(r[a] - r[b], 6)
-    return {"pretrained_over_random_+10_linear": gap(lin, "pretrained", "random") >= 10,
-            "pretrained_over_random_+10_knn": gap(knn, "pretrained", "random") >= 10,
-            "alpha2_over_alpha1_linear": gap(lin, "pretrained", "alpha1") > 0,
-            "alpha2_over_alpha1_knn": gap(knn, "pretrained", "alpha1") > 0}
+    goals = {"pretrained_over_random_+10_linear": gap(lin, "pretrained", "random") >= 10,
+             "pretrained_over_random_+10_knn": gap(knn, "pretrained", "random") >= 10,
+             "alpha2_over_alpha1_linear": gap(lin, "pretrained", "alpha1") > 0,
+             "alpha2_over_alpha1_knn": gap(knn, "pretrained", "alpha1") > 0}
+    if "levels1" in lin:
+        d = results["settings"]["levels"]
+        goals[f"levels{d}_at_least_levels1_linear"] = gap(lin, "pretrained", "levels1") >= 0
+        goals[f"levels{d}_at_least_levels1_knn"] = gap(knn, "pretrained", "levels1") >= 0
+    return goals
 
 
 def run_signal(out: Path, seed: int = 0, levels: int = 3, preset: str = "signal") -> dict:
     """``--preset signal`` (or ``signal-aug``): 3 seeds of longer pretraining
-    for alpha=2 and alpha=1, and random init."""
+    for alpha=2 and alpha=1 with ``levels`` levels, alpha=2 with one level
+    (D=1, when ``levels`` > 1), and random init."""
     from shard_tools.make_synthetic import make
     t0 = time.time()
     p = PRESETS[preset]
@@ -167,22 +173,24 @@ def run_signal(out: Path, seed: int = 0, levels: int = 3, preset: str = "signal"
         log(f"making {p['videos']} synthetic videos (8 classes) and their shards")
         make(data, p["videos"], 8, seed=seed)
     train, val = data / "train", data / "val"
+    runs = [("pretrained", 2, levels), ("alpha1", 1, levels)] + ([("levels1", 2, 1)] if levels > 1 else [])
+    names = [name for name, _, _ in runs] + ["random"]
     seeds = {}
     for s in range(seed, seed + p["seeds"]):
         row = {}
-        for name, alpha in (("pretrained", 2), ("alpha1", 1)):
-            log(f"seed {s}: pretraining alpha={alpha} ({p['epochs']} epochs, {p['input']} input, "
+        for name, alpha, d in runs:
+            log(f"seed {s}: pretraining alpha={alpha}, {d} level(s) ({p['epochs']} epochs, {p['input']} input, "
                 f"positive from the {p['positive']})")
-            ck = pretrain(train, out / f"seed{s}_alpha{alpha}", s, alpha, levels, p["epochs"], input=p["input"],
-                          positive=p["positive"], **levers)
+            run_dir = out / (f"seed{s}_alpha{alpha}" + ("" if d == levels else f"_levels{d}"))
+            ck = pretrain(train, run_dir, s, alpha, d, p["epochs"], input=p["input"], positive=p["positive"],
+                          **levers)
             row[name] = probe(ck, train, val, False, s)
         row["random"] = probe(ck, train, val, True, s)
         seeds[str(s)] = row
         (out / "seeds.json").write_text(json.dumps(seeds, indent=1))
     results = {"chance": 100.0 / 8, "seeds": seeds}
     for metric in ("linear", "knn"):
-        results[metric] = {name: sum(r[name][metric] for r in seeds.values()) / len(seeds)
-                           for name in ("pretrained", "alpha1", "random")}
+        results[metric] = {name: sum(r[name][metric] for r in seeds.values()) / len(seeds) for name in names}
     log("Instance Correspondence Maps of each seed's alpha=2 run")
     icm_score, icm_pngs = {}, []
     for s in seeds:
@@ -192,20 +200,20 @@ def run_signal(out: Path, seed: int = 0, levels: int = 3, preset: str = "signal"
     results["icm_actor_auc"] = {"seeds": icm_score, **{
         name: {lvl: {pw: sum(sc[name][lvl][pw] for sc in icm_score.values()) / len(icm_score) for pw in per}
                for lvl, per in icm_score[str(seed)][name].items()} for name in ("pretrained", "random")}}
-    results["goals"] = signal_goals(results)
     results["settings"] = {"preset": preset, **p, "levels": levels, "arch": "r18", "width": 16, "crop_size": 56,
                            "classes": 8}
+    results["goals"] = signal_goals(results)
     results["timing"] = {"total_s": round(time.time() - t0, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    rows = ["| evaluation | VTHCL alpha=2 | VTHCL alpha=1 | random init |", "|---|---|---|---|"]
+    heads = {"pretrained": f"VTHCL alpha=2, D={levels}", "alpha1": f"VTHCL alpha=1, D={levels}",
+             "levels1": "VTHCL alpha=2, D=1", "random": "random init"}
+    rows = ["| evaluation | " + " | ".join(heads[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for metric, label in (("linear", "linear probe"), ("knn", "kNN (k=20)")):
-        r = results[metric]
-        rows.append(f"| {label}, mean of {len(seeds)} seeds | {r['pretrained']:.1f} | {r['alpha1']:.1f} | "
-                    f"{r['random']:.1f} |")
+        rows.append(f"| {label}, mean of {len(seeds)} seeds | "
+                    + " | ".join(f"{results[metric][n]:.1f}" for n in names) + " |")
     for s, r in seeds.items():
-        rows.append(f"| seed {s}: linear / kNN | {r['pretrained']['linear']:.1f} / {r['pretrained']['knn']:.1f} | "
-                    f"{r['alpha1']['linear']:.1f} / {r['alpha1']['knn']:.1f} | "
-                    f"{r['random']['linear']:.1f} / {r['random']['knn']:.1f} |")
+        rows.append(f"| seed {s}: linear / kNN | "
+                    + " | ".join(f"{r[n]['linear']:.1f} / {r[n]['knn']:.1f}" for n in names) + " |")
     table = "\n".join(rows)
     goals = "\n".join(f"- {k}: {'met' if v else 'NOT met'}" for k, v in results["goals"].items())
     loss_curve(out / f"seed{seed}_alpha2" / "metrics.jsonl", out / "loss.png")
