@@ -381,6 +381,17 @@ def test_cpu_batches_reuse_a_buffer_only_when_nothing_holds_it():
     assert torch.allclose(w.grad, want.view(1))
 
 
+def test_batches_finished_on_the_threads_asked_for(monkeypatch):
+    """The pyav loader finishes batches on one intra-op thread while its
+    workers occupy the cores; the caller's thread count comes back after."""
+    threads = torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(Normalizer, "_finish", lambda self, *a: seen.append(torch.get_num_threads()))
+    Normalizer(2, True, "cpu", threads=1)([torch.zeros(3, 4, 8, 8, dtype=torch.uint8)], None, {})
+    Normalizer(2, True, "cpu")([torch.zeros(3, 4, 8, 8, dtype=torch.uint8)], None, {})
+    assert seen == [1, threads] and torch.get_num_threads() == threads
+
+
 def test_shard_sources_accepted(h264_shards):
     tars = sorted(str(p) for p in h264_shards.glob("*.tar"))
     manifest = json.loads((h264_shards / "manifest.json").read_text())
