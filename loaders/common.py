@@ -301,7 +301,8 @@ class BatchBuffers:
 
     def _free(self, buf) -> bool:
         # holders of the storage: ``buf`` itself and the temporary storage object of this call
-        return self.use_count is not None and self.use_count(buf.untyped_storage()._cdata) == 2
+        # (only pooled buffers are asked, and nothing is pooled without ``use_count``)
+        return self.use_count(buf.untyped_storage()._cdata) == 2
 
     def empty(self, shape: tuple, memory_format):
         torch = self.torch
@@ -375,12 +376,10 @@ class Normalizer:
         fast = self._prep(fast, pin_memory)
         if slow is not None:
             slow = self._prep(slow, pin_memory, "slow")
-        elif from_clips:
-            slow = self.buffers["slow"].empty((fast.shape[0], fast.shape[1], -(-fast.shape[2] // self.alpha),
-                                               *fast.shape[3:]), self.format)
-            slow.copy_(fast[:, :, :: self.alpha])
         else:
             slow = fast[:, :, :: self.alpha]
+            if from_clips:  # into a reused buffer (the copy ``contiguous`` below would make is a fresh batch)
+                slow = self.buffers["slow"].empty(slow.shape, self.format).copy_(slow)
         slow = slow.contiguous(memory_format=self.format)
         out = {"slow": slow, "fast": fast}
         out.update({k: v.to(self.device, non_blocking=True) for k, v in meta.items()})
