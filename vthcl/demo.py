@@ -134,7 +134,8 @@ def icm_verdict(auc: dict, epochs: int) -> str:
     where = ("the hotter region (the maps highlight it)" if pre > 0.55 else
              "the colder region (the maps do not highlight it)" if pre < 0.45 else "neither hotter nor colder")
     return (f"In this run's Instance Correspondence Maps, after {epochs} epochs, the moving actor is {where}: "
-            f"actor_auc {pre:.2f} over the maps" + (f" ({res5:.2f} on the slow encoder's res5 map)" if res5 else "")
+            f"actor_auc {pre:.2f} over the maps"
+            + (f" ({res5:.2f} on the slow encoder's res5 map)" if res5 is not None else "")
             + f", random init {rnd:.2f}, 0.5 meaning no preference. How far to trust that: one seed; on this "
             "data the actor was the colder region after 60 epochs and the hotter one after 90 to 180 (one "
             "seed, README), and on the signal preset's data colder after 40 epochs and hotter after 120 in each "
