@@ -18,7 +18,7 @@ import av.filter
 
 from benchmarks.common import cores, ratio, repeat_rates, replicate, timed, video_files, write_result
 from shard_tools.make_shards import main as make_shards
-from shard_tools.transcode import output_size
+from shard_tools.transcode import EncodeSettings, encoder_options, output_size
 
 CODEC = {"h264": ("libx264", "mp4"), "vp9": ("libvpx-vp9", "webm")}
 
@@ -39,12 +39,8 @@ def bare_transcode(job: tuple[str, str, int, int, int, int]) -> int:
         ost = out.add_stream(enc, rate=fps)
         ost.width, ost.height, ost.pix_fmt = w, h, "yuv420p"
         ost.codec_context.thread_count = threads
-        if codec == "h264":
-            ost.options = {"crf": "23", "preset": "veryfast",
-                           "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:open-gop=0"}
-        else:
-            ost.options = {"crf": "32", "b": "0", "deadline": "realtime", "cpu-used": "8", "g": str(gop),
-                           "keyint_min": str(gop), "row-mt": "1"}
+        # the encoder options make_shards uses for these settings
+        ost.options = encoder_options(EncodeSettings(codec=codec, fps=fps, short_side=short_side, gop=gop))
         n = 0
 
         def drain():

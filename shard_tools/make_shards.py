@@ -37,6 +37,7 @@ import random
 import re
 import struct
 import sys
+import time
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,6 +129,13 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _mtime(path: str) -> float:
+    try:
+        return float(int(os.stat(path).st_mtime))
+    except OSError:
+        return float(int(time.time()))
+
+
 def brace_pattern(prefix: str, count: int) -> str:
     if count == 1:
         return f"{prefix}-000000.tar"
@@ -168,6 +176,8 @@ class ShardSet:
                 "num_frames": meta["num_frames"], "fps": meta["fps"], "width": meta["width"],
                 "height": meta["height"], "codec": meta["codec"], "duration": meta["duration"],
                 "key": sample.key, "index": index}
+        # members carry the source's mtime, not the clock's: the same input gives the same tar
+        self.writer.mtime = _mtime(sample.path)
         self.bytes += self.writer.write({
             "__key__": sample.key,
             meta["ext"]: data,

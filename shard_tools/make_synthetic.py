@@ -27,6 +27,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from shard_tools.transcode import x264_params
+
 FAMILIES = ["disc", "box", "ring", "cross"]
 MOTIONS = [
     # name, direction (radians), speed (px/frame at 64 px), kind
@@ -127,7 +129,7 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 30, vp9: bool = False
         stream = out.add_stream("libvpx-vp9" if vp9 else "libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": "30", "b": "0", "deadline": "realtime", "cpu-used": "8"} if vp9 else \
-            {"crf": "20", "preset": "veryfast"}
+            {"crf": "20", "preset": "veryfast", "x264-params": x264_params()}
         for i, img in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts, frame.time_base = i, Fraction(1, fps)
