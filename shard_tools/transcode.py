@@ -148,7 +148,8 @@ def _x264_asm() -> str:
     except OSError:
         paths = []
     base = os.path.dirname(os.path.dirname(av.__file__))
-    paths += glob.glob(os.path.join(base, "av.libs", "libx264*")) + glob.glob(os.path.join(base, "av", ".dylibs", "libx264*"))
+    for bundled in ("av.libs", os.path.join("av", ".dylibs")):  # the wheels' copies (Linux, macOS)
+        paths += glob.glob(os.path.join(base, bundled, "libx264*"))
     for path in paths:
         try:
             lib = ctypes.CDLL(path)

@@ -20,7 +20,7 @@ import torch
 
 PRESETS = {
     # videos, pretraining epochs; the model is a small R18 (stem width 16), 56-pixel crops
-    # 120 epochs: ~5.5 min on 2 cores; the actor turned from the colder to the hotter region of the maps
+    # 120 epochs: ~5.5-6.5 min on 2 cores; the actor turned from the colder to the hotter region of the maps
     # between 60 and 90 epochs (docs/demo, README); 60 epochs left it colder
     "default": {"videos": 240, "epochs": 120},
     "quick": {"videos": 96, "epochs": 6},
