@@ -23,6 +23,7 @@ from fractions import Fraction
 
 import av
 from av.video.frame import PictureType
+from av.video.reformatter import VideoReformatter
 
 # container / member extension for each output codec
 MEMBER_EXT = {"h264": "mp4", "vp9": "webm"}
@@ -251,8 +252,10 @@ def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
     tb = Fraction(1, 1) / fps
     n = 0
     frames = _decoded_frames(container, stream)
+    # one swscale context for the video: frame.reformat builds one per frame (0.28 instead of 0.09 ms a frame)
+    scaler = VideoReformatter()
     for frame in resample_times(frames, float(fps), float(1 / _input_rate(stream))):
-        img = frame.reformat(width=w, height=h, format="yuv420p", interpolation="AREA")
+        img = scaler.reformat(frame, width=w, height=h, format="yuv420p", interpolation="AREA", threads=s.threads)
         # the source's frame type would be forced on the encoder (an I-frame wherever the source had one, ...),
         # overriding --gop/--bframes
         img.pict_type = PictureType.NONE
