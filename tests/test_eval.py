@@ -135,6 +135,14 @@ def test_quick_demo_end_to_end(tmp_path):
     assert icm_verdict(results["icm_actor_auc"], 6) in report
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "pretrain" / "metrics.jsonl")]
     assert len(losses) == 30 and all(np.isfinite(losses))
+    # deterministic for a seed: a second run from scratch gives the same losses, results and pictures
+    again = tmp_path / "again"
+    assert main(["--quick", "--out", str(again)]) == 0
+    assert [json.loads(line)["loss"] for line in open(again / "pretrain" / "metrics.jsonl")] == losses
+    results.pop("timing")
+    assert {k: v for k, v in json.loads((again / "results.json").read_text()).items() if k != "timing"} == results
+    for png in ("loss.png", "icm_res3.png", "icm_res4.png", "icm_res5.png"):
+        assert (again / png).read_bytes() == (tmp_path / png).read_bytes()
 
 
 @pytest.mark.parametrize("preset", ["signal", "signal-aug"])
