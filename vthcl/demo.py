@@ -353,7 +353,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vthcl.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="a smaller run for tests (about 30 s on 2 cores)")
     p.add_argument("--alpha", type=int, choices=[1, 2, 4], default=2)
     p.add_argument("--levels", type=int, choices=[1, 2, 3], default=3)
     p.add_argument("--ablation", action="store_true", help="add a table over alpha and levels (longer)")
