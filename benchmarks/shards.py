@@ -18,9 +18,7 @@ import av.filter
 
 from benchmarks.common import cores, ratio, repeat_rates, replicate, timed, video_files, write_result
 from shard_tools.make_shards import main as make_shards
-from shard_tools.transcode import EncodeSettings, encoder_options, output_size
-
-CODEC = {"h264": ("libx264", "mp4"), "vp9": ("libvpx-vp9", "webm")}
+from shard_tools.transcode import ENCODER, MEMBER_EXT, EncodeSettings, encoder_options, output_size
 
 
 def bare_transcode(job: tuple[str, str, int, int, int, int]) -> int:
@@ -34,9 +32,8 @@ def bare_transcode(job: tuple[str, str, int, int, int, int]) -> int:
                  graph.add("scale", f"{w}:{h}:flags=area"), graph.add("format", "yuv420p"),
                  graph.add("buffersink")]
         graph.link_nodes(*chain).configure()
-        enc, fmt = CODEC[codec]
-        out = av.open(io.BytesIO(), "w", format=fmt)
-        ost = out.add_stream(enc, rate=fps)
+        out = av.open(io.BytesIO(), "w", format=MEMBER_EXT[codec])
+        ost = out.add_stream(ENCODER[codec], rate=fps)
         ost.width, ost.height, ost.pix_fmt = w, h, "yuv420p"
         ost.codec_context.thread_count = threads
         # the encoder options make_shards uses for these settings

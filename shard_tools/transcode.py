@@ -16,6 +16,7 @@ closed with a keyframe every ``gop`` frames so a clip decode starts at most
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 from dataclasses import asdict, dataclass
@@ -27,7 +28,7 @@ from av.video.reformatter import VideoReformatter
 
 # container / member extension for each output codec
 MEMBER_EXT = {"h264": "mp4", "vp9": "webm"}
-_ENCODER = {"h264": "libx264", "vp9": "libvpx-vp9"}
+ENCODER = {"h264": "libx264", "vp9": "libvpx-vp9"}
 _DEFAULT_CRF = {"h264": 23, "vp9": 32}
 # image demuxers: a lone picture is not a video
 _IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "gif", "tiff_pipe"}
@@ -112,9 +113,7 @@ def _input_rate(stream) -> Fraction:
     return Fraction(rate) if rate else Fraction(30)
 
 
-_X264_ASM: tuple[int, str] | None = None
-
-
+@functools.cache
 def x264_asm() -> str:
     """x264's ``asm`` parameter for reproducible output: the CPU features
     x264 detects, less AVX-512 ("" where libx264 cannot be asked; its default).
@@ -129,14 +128,8 @@ def x264_asm() -> str:
     bytes). Without AVX-512 the bytes and the PSNR of the default settings
     were the same to 0.1 % and 0.01 dB, and the encode no slower. Asked of the
     libx264 this process has loaded (its exported ``x264_cpu_detect`` and
-    ``x264_cpu_names``), once per process."""
-    global _X264_ASM
-    if _X264_ASM is None or _X264_ASM[0] != os.getpid():
-        _X264_ASM = (os.getpid(), _x264_asm())
-    return _X264_ASM[1]
-
-
-def _x264_asm() -> str:
+    ``x264_cpu_names``), once per process (a forked child's CPU and library
+    are its parent's)."""
     import ctypes
     import glob
 
@@ -245,7 +238,7 @@ def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
     fps = Fraction(s.fps).limit_denominator(1001) if s.fps else _input_rate(stream)
     buf = io.BytesIO()
     out = av.open(buf, "w", format=MEMBER_EXT[s.codec])
-    ost = out.add_stream(_ENCODER[s.codec], rate=fps)
+    ost = out.add_stream(ENCODER[s.codec], rate=fps)
     ost.width, ost.height, ost.pix_fmt = w, h, "yuv420p"
     ost.codec_context.thread_count = s.threads
     ost.options = encoder_options(s)

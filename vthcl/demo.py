@@ -3,7 +3,7 @@ linear probe and kNN against random initialisation -> a report.
 
     python -m vthcl.demo [--out runs/demo] [--seed 0] [--quick] [--alpha 1|2|4] [--levels 1|2|3] [--ablation]
 
-Runs on a 2-core CPU in about 6 minutes (``--quick``: about 3), with no
+Runs on a 2-core CPU in about 6.5 minutes (``--quick``: about 30 s), with no
 download. Writes ``OUT/report.md`` (results table, loss curve, ICM maps),
 ``OUT/results.json`` (accuracies in percent) and prints the table.
 """
