@@ -344,16 +344,20 @@ class Normalizer:
         self.format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.buffers = {"fast": BatchBuffers(), "slow": BatchBuffers()}
 
+    def _clips_on_cpu(self, x) -> bool:
+        """Per-clip tensors for a CPU device: finished straight into a reused batch buffer."""
+        return isinstance(x, (list, tuple)) and self.device.type == "cpu"
+
     def _prep(self, x, pin_memory: bool, name: str = "fast"):
         torch = self.torch
+        if self._clips_on_cpu(x):
+            out = self.buffers[name].empty((len(x), *x[0].shape), self.format)
+            for o, clip in zip(out, x):
+                o.copy_(clip)
+                if self.normalize:
+                    o.sub_(self.mean[0]).div_(self.std[0])
+            return out
         if isinstance(x, (list, tuple)):
-            if self.device.type == "cpu":
-                out = self.buffers[name].empty((len(x), *x[0].shape), self.format)
-                for o, clip in zip(out, x):
-                    o.copy_(clip)
-                    if self.normalize:
-                        o.sub_(self.mean[0]).div_(self.std[0])
-                return out
             x = torch.stack(x, out=torch.empty((len(x), *x[0].shape), dtype=x[0].dtype, pin_memory=pin_memory))
         x = x.to(self.device, non_blocking=True).float()
         if self.normalize:
@@ -372,7 +376,7 @@ class Normalizer:
             torch.set_num_threads(before)
 
     def _finish(self, fast, slow, meta: dict, pin_memory: bool) -> dict:
-        from_clips = isinstance(fast, (list, tuple)) and self.device.type == "cpu"
+        from_clips = self._clips_on_cpu(fast)
         fast = self._prep(fast, pin_memory)
         if slow is not None:
             slow = self._prep(slow, pin_memory, "slow")
