@@ -79,12 +79,21 @@ def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
-def repeat_rates(configs: dict[str, Callable[[], float]], repeats: int) -> dict[str, dict]:
+def repeat_rates(configs: dict[str, Callable[[], float]], repeats: int,
+                 on_result: Callable[[dict[str, dict], int], None] | None = None) -> dict[str, dict]:
     """Run every config ``repeats`` times, interleaved (so drift hits all alike);
-    each call returns a rate (items/s)."""
+    each call returns a rate (items/s). ``on_result(results, rounds_done)``
+    after each measurement (rounds_done: the rounds complete so far): a
+    suite writes what it has, so a run stopped by a time limit (a lent
+    GPU's) still leaves its figures."""
     runs: dict[str, list[float]] = {name: [] for name in configs}
-    errors: dict[str, str] = {}
-    for _ in range(repeats):
+    errors: dict[str, dict] = {}
+
+    def results() -> dict[str, dict]:
+        return {name: errors.get(name) or summarize(v) for name, v in runs.items() if v or name in errors}
+
+    last = list(configs)[-1] if configs else None
+    for done in range(1, repeats + 1):
         for name, fn in configs.items():
             if name in errors:
                 continue
@@ -93,7 +102,9 @@ def repeat_rates(configs: dict[str, Callable[[], float]], repeats: int) -> dict[
                 progress(f"{name}: {runs[name][-1]:.4g}")
             except Exception as e:
                 errors[name] = failure(e)
-    return {name: errors.get(name) or summarize(v) for name, v in runs.items()}
+            if on_result is not None:
+                on_result(results(), done if name == last else done - 1)
+    return results()
 
 
 def progress(msg: str) -> None:
@@ -115,21 +126,22 @@ def timed(fn: Callable[[], int]) -> float:
 
 
 def ratio(results: dict, a: str, b: str) -> float | None:
-    """a's median over b's; None where either configuration failed."""
-    if "median" not in results[a] or "median" not in results[b]:
+    """a's median over b's; None where either configuration failed (or has not run yet)."""
+    if "median" not in results.get(a, {}) or "median" not in results.get(b, {}):
         return None
     return results[a]["median"] / results[b]["median"]
 
 
 def write_result(out: Path, suite: str, settings: dict, results: dict, ratios: dict, unit: str,
-                 notes: list[str] | None = None) -> Path:
+                 notes: list[str] | None = None, plot_png: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     doc = {"suite": suite, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
            "versions": versions(), "settings": settings, "unit": unit, "results": results,
            "ratios": ratios, "notes": notes or []}
     path = out / f"{suite}.json"
     path.write_text(json.dumps(doc, indent=1))
-    plot(out / f"{suite}.png", suite, results, unit, doc["machine"])
+    if plot_png:
+        plot(out / f"{suite}.png", suite, results, unit, doc["machine"])
     return path
 
 

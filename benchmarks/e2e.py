@@ -53,34 +53,41 @@ def run(out: Path, shards: str, quick: bool, device: str = "cpu", workers: int |
                                     device=device, channels_last=gpu))
         return measure_steps(trainer, data, 1, steps, max_seconds)
 
+    settings = {"device": device, "backends": backends, "archs": archs, "width": width, "crop": crop,
+                "batch_per_gpu": batch, "workers": workers, "steps": steps, "max_seconds": max_seconds,
+                "repeats": repeats, "shards": shards, "goals": {"e2e_over_synthetic": {"cuda": 0.95}}}
+
+    def report(results: dict, complete: bool) -> Path:
+        """The JSON of what is measured so far (after every measurement: a run cut short by a GPU
+        lease's time limit keeps its figures); the plot once complete."""
+        ratios = {}
+        for arch in archs:
+            for b in backends:
+                name = f"{b}_e2e_{arch}"
+                if name in waits and "median" in results.get(name, {}):
+                    results[name]["data_wait"] = summarize(waits[name][:len(results[name]["runs"])])
+                prefix = "" if b == backends[0] else f"{b}_"
+                ratios[f"{prefix}e2e_over_synthetic_{arch}"] = ratio(results, name, f"synthetic_{arch}")
+                ratios[f"{prefix}data_wait_fraction_{arch}"] = results.get(name, {}).get("data_wait", {}).get("median")
+        main = [ratios[f"e2e_over_synthetic_{a}"] for a in archs]
+        ratios["e2e_over_synthetic"] = None if None in main else min(main)
+        done = dict(settings, complete=complete)
+        if gpu:  # what a user can expect: the measured clips/s of one GPU, on one 8-GPU node
+            done["kinetics400_pretraining"] = {
+                arch: {name.split("_")[0]: {"clips_per_s_per_gpu": results[name]["median"],
+                                            "hours_on_8_gpus": round(KINETICS_CLIPS / (8 * results[name]["median"])
+                                                                     / 3600, 1)}
+                       for name in [f"{b}_e2e_{arch}" for b in backends] + [f"synthetic_{arch}"]
+                       if "median" in results.get(name, {})} | {"target_hours": TARGET_HOURS[arch]}
+                for arch in archs}
+        return write_result(out, "e2e", done, results, ratios, "clips/s (loader + train step)", plot_png=complete)
+
     results = {}
     for arch in archs:
         # on GPU the banks are Kinetics-sized (240k rows, N=16384 negatives), as in the step suite
         trainer = Trainer(arch, width, "bf16" if gpu else "fp32", gpu, False, device, 240_000 if gpu else n)
         configs = {f"{b}_e2e_{arch}": partial(real, trainer, f"{b}_e2e_{arch}", b) for b in backends}
         configs[f"synthetic_{arch}"] = partial(synthetic, trainer)
-        results.update(repeat_rates(configs, repeats))
+        results.update(repeat_rates(configs, repeats, on_result=lambda r, _: report({**results, **r}, False)))
         trainer = configs = None
-    ratios = {}
-    for arch in archs:
-        for b in backends:
-            name = f"{b}_e2e_{arch}"
-            if name in waits and "median" in results[name]:
-                results[name]["data_wait"] = summarize(waits[name])
-            prefix = "" if b == backends[0] else f"{b}_"
-            ratios[f"{prefix}e2e_over_synthetic_{arch}"] = ratio(results, name, f"synthetic_{arch}")
-            ratios[f"{prefix}data_wait_fraction_{arch}"] = results[name].get("data_wait", {}).get("median")
-    main = [ratios[f"e2e_over_synthetic_{a}"] for a in archs]
-    ratios["e2e_over_synthetic"] = None if None in main else min(main)
-    settings = {"device": device, "backends": backends, "archs": archs, "width": width, "crop": crop,
-                "batch_per_gpu": batch, "workers": workers, "steps": steps, "max_seconds": max_seconds,
-                "repeats": repeats, "shards": shards, "goals": {"e2e_over_synthetic": {"cuda": 0.95}}}
-    if gpu:  # what a user can expect: the measured clips/s of one GPU, on one 8-GPU node
-        settings["kinetics400_pretraining"] = {
-            arch: {name.split("_")[0]: {"clips_per_s_per_gpu": results[name]["median"],
-                                        "hours_on_8_gpus": round(KINETICS_CLIPS / (8 * results[name]["median"])
-                                                                 / 3600, 1)}
-                   for name in [f"{b}_e2e_{arch}" for b in backends] + [f"synthetic_{arch}"]
-                   if "median" in results[name]} | {"target_hours": TARGET_HOURS[arch]}
-            for arch in archs}
-    return write_result(out, "e2e", settings, results, ratios, "clips/s (loader + train step)")
+    return report(results, True)

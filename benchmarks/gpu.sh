@@ -9,7 +9,8 @@
 # STAGES (default "tests shards loss e2e loader step") picks stages, e.g. to
 # split the run over two calls of a time-limited machine (e2e and loader need
 # shards). Worst cases: tests 100 s, shards 60, loss 45, e2e 240, loader 170,
-# step 260.
+# step 260. The suites rewrite their JSON after every measurement, so a stage cut
+# short by its limit still leaves what it measured (settings.complete: false).
 # VIDEOS_DIR: the original videos (../shared/data/videos); they are replicated
 # 32 times and packed once (H.264, short side 256, GOP 16) for e2e and loader.
 # RESULTS_DIR gets <suite>.json/.png, <stage>.log and stages.txt; RESULTS_DIR.tar

@@ -98,13 +98,16 @@ def _rate_loader(make, epochs: int, max_seconds: float = float("inf"), workers_o
     return clips / (time.perf_counter() - t)
 
 
-def _rate_reference(items, fn, workers: int, epochs: int, batch: int = BATCH) -> float:
+def _rate_reference(items, fn, workers: int, epochs: int, batch: int = BATCH,
+                    max_seconds: float = float("inf")) -> float:
     clips, t = 0, time.perf_counter()
     for e in range(epochs):
         loader = torch.utils.data.DataLoader(_RefClips(items, fn, e), batch_size=batch, shuffle=True,
                                              num_workers=workers, worker_init_fn=lambda _: torch.set_num_threads(1))
         for b in loader:
             clips += b.shape[0]
+            if time.perf_counter() - t > max_seconds:
+                return clips / (time.perf_counter() - t)
     return clips / (time.perf_counter() - t)
 
 
@@ -147,21 +150,25 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
     batch = GPU_BATCH if device == "cuda" else BATCH
     copies = 2 if quick else (32 if device == "cuda" else 8)  # a GPU decoder needs more clips to reach its rate
     epochs = 1 if quick else 2
-    repeats = 1 if quick else 5  # one measurement is ~1-20 s on 2 cores: 3 left the ratios 0.1 apart run to run
+    # one measurement is ~1-20 s on 2 cores: 3 repeats left the ratios 0.1 apart run to run. On a (lent,
+    # time-limited) GPU machine: 3 repeats, each measurement stops after the batch that passes 15 s, and
+    # the JSON is written after every round
+    repeats = 1 if quick else (3 if device == "cuda" else 5)
+    cap = 15.0 if device == "cuda" else float("inf")
     tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     h264 = shards or str(_pack(videos, tmp, "h264", copies))
     vp9 = str(_pack(videos, tmp, "vp9", copies)) if device == "cpu" else None
     shard_items = _shard_items(h264)
     originals = _file_items(videos)
     file_items = originals * max(1, len(shard_items) // len(originals))  # as many clips as the shards hold
-    reference = partial(_rate_reference, workers=workers, epochs=epochs, batch=batch)
+    reference = partial(_rate_reference, workers=workers, epochs=epochs, batch=batch, max_seconds=cap)
     common = dict(batch_size=batch, crop_size=CROP, device=device, train=True)
     configs = {
         "pyav": lambda: _rate_loader(lambda: build_loader(h264, backend="pyav", num_workers=workers, **common),
-                                     epochs),
+                                     epochs, cap),
         "pyav_workers_only": lambda: _rate_loader(
-            lambda: build_loader(h264, backend="pyav", num_workers=workers, **common), epochs, workers_only=True),
-        "synthetic": lambda: _rate_loader(lambda: build_loader(h264, backend="synthetic", **common), epochs),
+            lambda: build_loader(h264, backend="pyav", num_workers=workers, **common), epochs, cap, workers_only=True),
+        "synthetic": lambda: _rate_loader(lambda: build_loader(h264, backend="synthetic", **common), epochs, cap),
         "slowfast_style_original_files": lambda: reference(file_items, references.slowfast_style),
         "slowfast_style_same_shards": lambda: reference(shard_items, references.slowfast_style),
         "codec_limit_same_shards": lambda: reference(shard_items, references.codec_limit),
@@ -176,7 +183,6 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
         import nvidia.dali  # noqa: F401
         dali_shards = h264 if device == "cuda" else vp9
         name = "dali_mixed_h264" if device == "cuda" else "dali_cpu_vp9"
-        cap = 30.0 if device == "cuda" else float("inf")  # (on GPU: DALI 2.4's NVDEC path was slow there)
 
         def dali_rate(path: str):
             return lambda: _rate_loader(
@@ -193,37 +199,44 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
         import ffcv  # noqa: F401
         beton, ffcv_sizes, ffcv_setup = _beton(h264, tmp, workers)
         configs["ffcv"] = lambda: _rate_loader(
-            lambda: build_loader(beton, backend="ffcv", num_workers=workers, **common), epochs)
+            lambda: build_loader(beton, backend="ffcv", num_workers=workers, **common), epochs, cap)
         notes.append(f"ffcv: pipeline setup (numba compile, once per process) took {ffcv_setup} s, not in clips/s")
     except ImportError:
         notes.append("ffcv is not installed (the ffcv extra): no ffcv figure")
-    try:
-        results = repeat_rates(configs, repeats)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for r in results.values():
-        if "median" in r:
-            r["per_core"] = r["median"] / workers
-    ratios = {
-        "pyav_over_slowfast_style": ratio(results, "pyav", "slowfast_style_original_files"),
-        "pyav_over_slowfast_style_same_shards": ratio(results, "pyav", "slowfast_style_same_shards"),
-        "pyav_over_codec_limit": ratio(results, "pyav", "codec_limit_same_shards"),
-        # the same workers without the batch the main process makes (float on a CPU device, on the GPU on cuda)
-        "pyav_workers_only_over_codec_limit": ratio(results, "pyav_workers_only", "codec_limit_same_shards"),
-    }
-    if "decord_style_same_shards" in results:
-        ratios["pyav_over_decord"] = ratio(results, "pyav", "decord_style_same_shards")
-    dali = next((k for k in ("dali_mixed_h264", "dali_cpu_vp9") if k in results), None)
-    if dali:
-        ratios["dali_over_pyav"] = ratio(results, dali, "pyav")
-    if "dali_mixed_h264_no_bframes" in results:
-        ratios["dali_no_bframes_over_dali"] = ratio(results, "dali_mixed_h264_no_bframes", dali)
-    if "ffcv" in results:
-        ratios["ffcv_over_pyav"] = ratio(results, "ffcv", "pyav")
-        ratios["ffcv_beton_over_tars"] = ffcv_sizes["beton_over_tars"]
     settings = {"videos": str(videos), "copies": copies, "clips_per_epoch": len(shard_items), "epochs": epochs,
-                "repeats": repeats, "workers": workers, "batch_size": batch, "crop": CROP, "tau": 8, "alpha": 2,
-                "slow_frames": 8, "device": device, "ffcv_sizes": ffcv_sizes,
+                "repeats": repeats, "max_seconds": cap, "workers": workers, "batch_size": batch, "crop": CROP,
+                "tau": 8, "alpha": 2, "slow_frames": 8, "device": device, "ffcv_sizes": ffcv_sizes,
                 "goals": {"pyav_over_slowfast_style": 4, "pyav_over_slowfast_style_same_shards": 1.5,
                           "pyav_over_codec_limit": 0.8, "pyav_over_decord": 1.0}}
-    return write_result(out, "loader", settings, results, ratios, "clips/s", notes)
+
+    def report(results: dict, rounds: int, final: bool = False) -> Path:
+        """The JSON of what is measured so far (``rounds``: complete rounds), after every measurement,
+        so a run cut short by a time limit keeps its figures; the plot with the final one."""
+        for r in results.values():
+            if "median" in r:
+                r["per_core"] = r["median"] / workers
+        ratios = {
+            "pyav_over_slowfast_style": ratio(results, "pyav", "slowfast_style_original_files"),
+            "pyav_over_slowfast_style_same_shards": ratio(results, "pyav", "slowfast_style_same_shards"),
+            "pyav_over_codec_limit": ratio(results, "pyav", "codec_limit_same_shards"),
+            # the same workers without the batch the main process makes (float on a CPU device, on the GPU on cuda)
+            "pyav_workers_only_over_codec_limit": ratio(results, "pyav_workers_only", "codec_limit_same_shards"),
+        }
+        if "decord_style_same_shards" in configs:
+            ratios["pyav_over_decord"] = ratio(results, "pyav", "decord_style_same_shards")
+        dali = next((k for k in ("dali_mixed_h264", "dali_cpu_vp9") if k in configs), None)
+        if dali:
+            ratios["dali_over_pyav"] = ratio(results, dali, "pyav")
+        if "dali_mixed_h264_no_bframes" in configs:
+            ratios["dali_no_bframes_over_dali"] = ratio(results, "dali_mixed_h264_no_bframes", dali)
+        if "ffcv" in configs:
+            ratios["ffcv_over_pyav"] = ratio(results, "ffcv", "pyav")
+            ratios["ffcv_beton_over_tars"] = ffcv_sizes["beton_over_tars"]
+        return write_result(out, "loader", dict(settings, rounds_done=rounds, complete=final), results, ratios,
+                            "clips/s", notes, plot_png=final)
+
+    try:
+        results = repeat_rates(configs, repeats, on_result=report)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report(results, repeats, final=True)

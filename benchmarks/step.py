@@ -93,7 +93,27 @@ def run(out: Path, quick: bool, device: str = "cpu") -> Path:
         steps, repeats = max(2, steps // 4), 1
     archs = ["r18", "r50"]
     variants = [("fp32", False, False), ("bf16", False, False), ("bf16", True, False)]
-    results, notes = {}, []
+    notes = []
+    if gpu:
+        notes.append("torch.compile measured on R18 only (compiling R50 takes minutes of a scarce GPU lease); "
+                     "fp32 convolutions run as TF32 (PyTorch's cuDNN default); fp32_strict turns TF32 off (R50)")
+    else:
+        notes.append("CPU: a small configuration (width 16, crop 64, batch 4); torch.compile is measured on GPU only")
+    settings = {"device": device, "crop": crop, "batch_per_gpu": batch, "width": width, "num_videos": n,
+                "negatives": 16384, "warmup": warmup, "steps": steps, "repeats": repeats,
+                "goals": {"bf16_cl3d_over_fp32": {"cuda": 2.0}}}
+
+    def report(results: dict, complete: bool) -> Path:
+        """The JSON of what is measured so far (after every configuration: a run cut short by a GPU
+        lease's time limit keeps its figures); the plot once complete."""
+        ratios = {f"{a}_bf16_cl3d_over_fp32": ratio(results, f"{a}_bf16_cl3d", f"{a}_fp32") for a in archs}
+        ratios["bf16_cl3d_over_fp32"] = ratios["r50_bf16_cl3d_over_fp32"]
+        if gpu:  # against fp32 without TF32: the bf16 gain a user sees who had turned TF32 off
+            ratios["r50_bf16_cl3d_over_fp32_strict"] = ratio(results, "r50_bf16_cl3d", "r50_fp32_strict")
+        return write_result(out, "step", dict(settings, complete=complete), results, ratios,
+                            "clips/s (train step)", notes, plot_png=complete)
+
+    results = {}
     for arch in archs:
         # torch.compile on GPU for R18 only: compiling R50's two pathways and their backward costs minutes
         extra = ([("bf16", True, True)] if arch == "r18" else [("fp32_strict", False, False)]) if gpu else []
@@ -109,16 +129,5 @@ def run(out: Path, quick: bool, device: str = "cpu") -> Path:
             except Exception as e:
                 results[name] = failure(e)
             trainer = data = None
-    ratios = {f"{a}_bf16_cl3d_over_fp32": ratio(results, f"{a}_bf16_cl3d", f"{a}_fp32") for a in archs}
-    ratios["bf16_cl3d_over_fp32"] = ratios["r50_bf16_cl3d_over_fp32"]
-    if gpu:  # against fp32 without TF32: the bf16 gain a user sees who had turned TF32 off
-        ratios["r50_bf16_cl3d_over_fp32_strict"] = ratio(results, "r50_bf16_cl3d", "r50_fp32_strict")
-    if gpu:
-        notes.append("torch.compile measured on R18 only (compiling R50 takes minutes of a scarce GPU lease); "
-                     "fp32 convolutions run as TF32 (PyTorch's cuDNN default); fp32_strict turns TF32 off (R50)")
-    else:
-        notes.append("CPU: a small configuration (width 16, crop 64, batch 4); torch.compile is measured on GPU only")
-    settings = {"device": device, "crop": crop, "batch_per_gpu": batch, "width": width, "num_videos": n,
-                "negatives": 16384, "warmup": warmup, "steps": steps, "repeats": repeats,
-                "goals": {"bf16_cl3d_over_fp32": {"cuda": 2.0}}}
-    return write_result(out, "step", settings, results, ratios, "clips/s (train step)", notes)
+            report(results, False)
+    return report(results, True)

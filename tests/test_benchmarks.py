@@ -92,3 +92,28 @@ def test_a_failing_configuration_is_reported_and_the_others_still_run(tmp_path, 
     doc = json.loads(path.read_text())
     assert doc["results"]["broken"]["error"].startswith("RuntimeError") and (tmp_path / "demo.png").exists()
     assert "no NVDEC here" in capsys.readouterr().err
+
+
+def test_repeat_rates_reports_after_every_measurement(tmp_path):
+    """A suite writes its JSON after each measurement, so a run stopped by a time
+    limit keeps what it measured; a failing configuration is reported, the others go on."""
+    from benchmarks.common import ratio, repeat_rates, write_result
+    rates = iter([1.0, 2.0, 3.0, 4.0])
+
+    def broken():
+        raise RuntimeError("no decoder")
+
+    seen = []
+
+    def report(results, rounds):
+        seen.append((sorted(results), rounds, ratio(results, "a", "b")))
+        write_result(tmp_path, "t", {"rounds_done": rounds}, results, {}, "items/s", plot_png=False)
+
+    results = repeat_rates({"a": lambda: next(rates), "bad": broken, "b": lambda: next(rates)}, 2, on_result=report)
+    assert seen == [(["a"], 0, None), (["a", "bad"], 0, None), (["a", "b", "bad"], 1, 0.5),
+                    (["a", "b", "bad"], 1, 1.0), (["a", "b", "bad"], 2, 2.0 / 3.0)]
+    assert results["a"]["runs"] == [1.0, 3.0] and results["b"]["runs"] == [2.0, 4.0]
+    assert "no decoder" in results["bad"]["error"]
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert doc["settings"]["rounds_done"] == 2 and doc["results"]["b"]["median"] == 3.0
+    assert not (tmp_path / "t.png").exists()  # interim writes leave the plot to the final one
