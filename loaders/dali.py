@@ -5,8 +5,9 @@
       -> window start and the fast frame ids chosen in the graph
       -> fn.decoders.video: the fast sequence decoded once
          (device "mixed" = NVDEC on a GPU; "cpu" = VP8/VP9/MJPEG only)
-      -> short side resized to S (fn.resize), then fn.crop_mirror_normalize
-         takes the crop, flips, normalises, FHWC -> CFHW
+      -> the crop of the frames resized to short side S (fn.resize of only
+         the window it reads), then fn.crop_mirror_normalize flips,
+         normalises, FHWC -> CFHW
     DALIGenericIterator(reader_name="reader") -> torch tensors on the device
       -> slow = fast[:, :, ::alpha] (a strided copy on the device; with
          independent crops the slow frames get their own crop in the graph)
@@ -52,6 +53,20 @@ def check_decodable(shards: Shards, device: str) -> None:
             f"with make_shards --codec vp9.")
 
 
+def resized_crop(frames, h, w, sh, sw, y0, x0, size: int, fn, types):
+    """The ``size`` square at (y0, x0) of the frames resized from (h, w) to
+    (sh, sw) (bilinear, antialiased when shrinking), in DALI ops. Only the
+    source window the square reads is resized, with the whole frame's scale:
+    the same sample positions and filter as resizing whole frames and then
+    cropping, for a fraction of the work (the whole-frame resize was the
+    CPU graph's costliest op)."""
+    c = float(size)
+    sy, sx = sh / h, sw / w
+    return fn.resize(frames, size=[c, c], roi_start=fn.stack(y0 / sy, x0 / sx),
+                     roi_end=fn.stack((y0 + c) / sy, (x0 + c) / sx), roi_relative=False,
+                     antialias=True, interp_type=types.INTERP_LINEAR)
+
+
 class DALILoader:
     def __init__(self, shards: Shards, spec: ClipSpec, *, batch_size: int, crop_size: int, train: bool,
                  normalize: bool, device: str, rank: int, world_size: int, num_threads: int, seed: int,
@@ -90,8 +105,8 @@ class DALILoader:
 
     # ------------------------------------------------------------------ graph
     def _crop(self, frames, fn, types, dmath, crop_idx: int = 1):
-        """crop_params of loaders.common, in DALI ops: resize the short side
-        to S, then crop_mirror_normalize takes the square at (y0, x0)."""
+        """crop_params of loaders.common, in DALI ops: the square at (y0, x0)
+        of the frames resized to short side S, flipped, normalised."""
         shape = frames.shape()
         h = fn.cast(shape[1], dtype=types.FLOAT)
         w = fn.cast(shape[2], dtype=types.FLOAT)
@@ -118,13 +133,10 @@ class DALILoader:
                 t = fn.cast(tall, dtype=types.FLOAT)
                 y0 = t * dmath.floor(room_y * frac + 0.5) + (1.0 - t) * y0
                 x0 = (1.0 - t) * dmath.floor(room_x * frac + 0.5) + t * x0
-        out = fn.resize(frames, size=fn.stack(sh, sw), antialias=True, interp_type=types.INTERP_LINEAR)
+        out = resized_crop(frames, h, w, sh, sw, y0, x0, self.crop_size, fn, types)
         mean, std = (list(MEAN), list(STD)) if self.normalize else ([0.0] * 3, [1.0] * 3)
-        # crop_pos is relative: anchor = pos * (size - crop), so pos = y0 / room gives y0 exactly
-        return fn.crop_mirror_normalize(
-            out, dtype=types.FLOAT, output_layout="CFHW", mean=mean, std=std, mirror=mirror,
-            crop=[self.crop_size, self.crop_size],
-            crop_pos_y=y0 / dmath.max(room_y, 1.0), crop_pos_x=x0 / dmath.max(room_x, 1.0))
+        return fn.crop_mirror_normalize(out, dtype=types.FLOAT, output_layout="CFHW", mean=mean, std=std,
+                                        mirror=mirror)
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types

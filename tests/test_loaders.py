@@ -225,6 +225,41 @@ def _jsons(shard_dir: Path):
                     yield t.extractfile(m).read()
 
 
+def test_dali_crop_resizes_only_the_window_on_the_whole_frame_grid(vp9_shards):
+    """loaders.dali.resized_crop (a resize of the source window the square
+    reads) gives the square of the whole-frame resize, shrinking and enlarging."""
+    from nvidia.dali import fn, pipeline_def, types
+    from loaders.common import resolve_shards
+    from loaders.dali import resized_crop
+    found = resolve_shards(str(vp9_shards))
+    cases = [(100.0, 7.0, 30.0, 64), (160.0, 33.0, 5.0, 96), (150.0, 0.0, 41.0, 128)]  # short side, y0, x0, size
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def graph():
+        video = fn.readers.webdataset(paths=found.tars, index_paths=[found.idx(t) for t in found.tars],
+                                      ext=["webm"], dtypes=[types.UINT8])
+        frames = fn.decoders.video(video, device="cpu", frames=types.Constant(np.array([0, 5], dtype=np.int32)))
+        shape = frames.shape()
+        h, w = fn.cast(shape[1], dtype=types.FLOAT), fn.cast(shape[2], dtype=types.FLOAT)
+        outs = []
+        for short, y0, x0, size in cases:
+            sh, sw = h * 0.0 + short, fn.cast(fn.cast(w * short / h + 0.5, dtype=types.INT32), dtype=types.FLOAT)
+            whole = fn.resize(frames, size=fn.stack(sh, sw), antialias=True, interp_type=types.INTERP_LINEAR)
+            outs.append(fn.crop(whole, crop=[size, size], crop_pos_y=y0 / (sh - size), crop_pos_x=x0 / (sw - size),
+                                out_of_bounds_policy="error"))
+            outs.append(resized_crop(frames, h, w, sh, sw, y0, x0, size, fn, types))
+        return tuple(outs)
+
+    pipe = graph()
+    pipe.build()
+    out = pipe.run()
+    for k, (_, _, _, size) in enumerate(cases):
+        for i in range(2):
+            whole, window = (np.array(out[2 * k + j][i]).astype(int) for j in (0, 1))
+            assert whole.shape == window.shape == (2, size, size, 3)
+            assert np.abs(whole - window).max() <= 1, cases[k]  # float rounding only
+
+
 @pytest.mark.parametrize("shards", ["coded_vp9", "vp9_shards"])
 def test_dali_and_pyav_agree_on_the_same_window(shards, request):
     path = request.getfixturevalue(shards)
