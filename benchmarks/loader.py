@@ -111,6 +111,41 @@ def _rate_reference(items, fn, workers: int, epochs: int, batch: int = BATCH,
     return clips / (time.perf_counter() - t)
 
 
+def _rate_dali_decode_only(shards: str, device: str, batch: int, threads: int, epochs: int,
+                           max_seconds: float = float("inf")) -> float:
+    """DALI's webdataset reader and video decoder alone: the 16 frames of each
+    video's centre window decoded, nothing resized or copied out (what the
+    dali backend's resize, crop and normalise cost is the gap to its rate)."""
+    from nvidia.dali import fn, pipeline_def, types
+    import nvidia.dali.math as dmath
+    spec, found = ClipSpec(), resolve_shards(shards)
+    gpu = device == "cuda"
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=0 if gpu else None, exec_dynamic=True)
+    def graph():
+        video, nframes = fn.readers.webdataset(paths=found.tars, index_paths=[found.idx(t) for t in found.tars],
+                                               ext=["mp4;webm;mkv", "nframes"], dtypes=[types.UINT8, types.INT32],
+                                               random_shuffle=True, name="reader")
+        n = nframes[0]
+        offsets = types.Constant(np.arange(spec.fast_frames, dtype=np.int32) * spec.stride)
+        return fn.decoders.video(video, device="mixed" if gpu else "cpu",
+                                 frames=(dmath.max(n - spec.window, 0) // 2 + offsets) % n)
+
+    pipe = graph()
+    pipe.build()
+    pipe.run()  # warm-up: threads, decoders
+    steps = -(-pipe.epoch_size("reader") // batch) * epochs
+    clips, t = 0, time.perf_counter()
+    for _ in range(steps):
+        (frames,) = pipe.run()
+        if gpu:
+            torch.cuda.synchronize()
+        clips += len(frames)
+        if time.perf_counter() - t > max_seconds:
+            break
+    return clips / (time.perf_counter() - t)
+
+
 def _pack(videos: Path, out: Path, codec: str, copies: int, *extra: str) -> Path:
     from shard_tools.make_shards import main as make_shards
     src = out / "src"
@@ -189,6 +224,8 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
                 lambda: build_loader(path, backend="dali", num_workers=workers, **common), epochs, cap)
 
         configs[name] = dali_rate(dali_shards)
+        configs[name.replace("dali", "dali_decode_only", 1)] = lambda: _rate_dali_decode_only(
+            dali_shards, device, batch, workers, epochs, cap)
         if device == "cuda":  # the same videos without B-frames: DALI copies out-of-order frames one by one
             configs["dali_mixed_h264_no_bframes"] = dali_rate(str(_pack(videos, tmp, "h264", copies,
                                                                         "--bframes", "0")))
@@ -227,6 +264,7 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
         dali = next((k for k in ("dali_mixed_h264", "dali_cpu_vp9") if k in configs), None)
         if dali:
             ratios["dali_over_pyav"] = ratio(results, dali, "pyav")
+            ratios["dali_over_dali_decode_only"] = ratio(results, dali, dali.replace("dali", "dali_decode_only", 1))
         if "dali_mixed_h264_no_bframes" in configs:
             ratios["dali_no_bframes_over_dali"] = ratio(results, "dali_mixed_h264_no_bframes", dali)
         if "ffcv" in configs:
