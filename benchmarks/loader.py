@@ -28,8 +28,8 @@ from benchmarks.common import cores, ratio, repeat_rates, replicate, video_files
 from loaders import build_loader
 from loaders.common import ClipSpec, resolve_shards
 
-BATCH = 8  # clips per batch on a CPU; on cuda 32, the paper's per-GPU batch (256 on 8 GPUs)
-GPU_BATCH = 32
+BATCH = 8  # clips per batch on a CPU
+GPU_BATCH = 32  # on cuda: the paper's per-GPU batch (256 on 8 GPUs)
 CROP = 224
 
 
@@ -111,34 +111,18 @@ def _rate_reference(items, fn, workers: int, epochs: int, batch: int = BATCH,
     return clips / (time.perf_counter() - t)
 
 
-def _rate_dali_decode_only(shards: str, device: str, batch: int, threads: int, epochs: int,
-                           max_seconds: float = float("inf")) -> float:
-    """DALI's webdataset reader and video decoder alone: the 16 frames of each
-    video's centre window decoded, nothing resized or copied out (what the
-    dali backend's resize, crop and normalise cost is the gap to its rate)."""
-    from nvidia.dali import fn, pipeline_def, types
-    import nvidia.dali.math as dmath
-    spec, found = ClipSpec(), resolve_shards(shards)
-    gpu = device == "cuda"
-
-    @pipeline_def(batch_size=batch, num_threads=threads, device_id=0 if gpu else None, exec_dynamic=True)
-    def graph():
-        video, nframes = fn.readers.webdataset(paths=found.tars, index_paths=[found.idx(t) for t in found.tars],
-                                               ext=["mp4;webm;mkv", "nframes"], dtypes=[types.UINT8, types.INT32],
-                                               random_shuffle=True, name="reader")
-        n = nframes[0]
-        offsets = types.Constant(np.arange(spec.fast_frames, dtype=np.int32) * spec.stride)
-        return fn.decoders.video(video, device="mixed" if gpu else "cpu",
-                                 frames=(dmath.max(n - spec.window, 0) // 2 + offsets) % n)
-
-    pipe = graph()
-    pipe.build()
+def _rate_dali_decode_only(make, epochs: int, max_seconds: float = float("inf")) -> float:
+    """The dali backend's pipeline up to its video decoder (its reader, window
+    and decode, nothing resized or copied out): clips/s over ``epochs``
+    epochs, or up to the batch that passes ``max_seconds``. The gap to the
+    backend's rate is what its resize, crop, normalise and hand-over cost."""
+    loader = make()
+    pipe = loader.build_pipeline(decode_only=True)
     pipe.run()  # warm-up: threads, decoders
-    steps = -(-pipe.epoch_size("reader") // batch) * epochs
     clips, t = 0, time.perf_counter()
-    for _ in range(steps):
+    for _ in range(len(loader) * epochs):
         (frames,) = pipe.run()
-        if gpu:
+        if loader.on_gpu:
             torch.cuda.synchronize()
         clips += len(frames)
         if time.perf_counter() - t > max_seconds:
@@ -187,7 +171,7 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
     epochs = 1 if quick else 2
     # one measurement is ~1-20 s on 2 cores: 3 repeats left the ratios 0.1 apart run to run. On a (lent,
     # time-limited) GPU machine: 3 repeats, each measurement stops after the batch that passes 15 s, and
-    # the JSON is written after every round
+    # the JSON is written after every measurement
     repeats = 1 if quick else (3 if device == "cuda" else 5)
     cap = 15.0 if device == "cuda" else float("inf")
     tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
@@ -219,13 +203,15 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
         dali_shards = h264 if device == "cuda" else vp9
         name = "dali_mixed_h264" if device == "cuda" else "dali_cpu_vp9"
 
+        def dali(path: str):
+            return lambda: build_loader(path, backend="dali", num_workers=workers, **common)
+
         def dali_rate(path: str):
-            return lambda: _rate_loader(
-                lambda: build_loader(path, backend="dali", num_workers=workers, **common), epochs, cap)
+            return lambda: _rate_loader(dali(path), epochs, cap)
 
         configs[name] = dali_rate(dali_shards)
         configs[name.replace("dali", "dali_decode_only", 1)] = lambda: _rate_dali_decode_only(
-            dali_shards, device, batch, workers, epochs, cap)
+            dali(dali_shards), epochs, cap)
         if device == "cuda":  # the same videos without B-frames: DALI copies out-of-order frames one by one
             configs["dali_mixed_h264_no_bframes"] = dali_rate(str(_pack(videos, tmp, "h264", copies,
                                                                         "--bframes", "0")))

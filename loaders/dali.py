@@ -138,7 +138,11 @@ class DALILoader:
         return fn.crop_mirror_normalize(out, dtype=types.FLOAT, output_layout="CFHW", mean=mean, std=std,
                                         mirror=mirror)
 
-    def _build(self):
+    def build_pipeline(self, decode_only: bool = False):
+        """The built DALI pipeline of the graph above. ``decode_only``: the
+        reader and the video decoder alone, with the decoded fast frames as
+        its one output (the loader benchmark's measure of what the rest of
+        the graph costs)."""
         from nvidia.dali import fn, pipeline_def, types
         import nvidia.dali.math as dmath
         spec = self.spec
@@ -165,6 +169,8 @@ class DALILoader:
                 clip_ids = [(delta * (2 * k + 1) // (2 * self.num_clips) + offsets) % n for k in range(self.num_clips)]
             frame_ids = clip_ids[0] if len(clip_ids) == 1 else fn.cat(*clip_ids, axis=0)
             frames = fn.decoders.video(video, device="mixed" if self.on_gpu else "cpu", frames=frame_ids)
+            if decode_only:
+                return frames
             fasts, view_ids = [], []
             for k, ids_k in enumerate(clip_ids):
                 clip = frames if len(clip_ids) == 1 else fn.slice(
@@ -203,7 +209,7 @@ class DALILoader:
         if self._iter is None:
             from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
             policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-            self._iter = DALIGenericIterator([self._build()], self._outputs,
+            self._iter = DALIGenericIterator([self.build_pipeline()], self._outputs,
                                              reader_name="reader", last_batch_policy=policy, auto_reset=True,
                                              last_batch_padded=False)
         return self._iter
