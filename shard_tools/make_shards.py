@@ -7,15 +7,26 @@ Every input video is transcoded in a worker process to a constant frame rate,
 a fixed short side and closed GOPs (or copied as it is with ``--codec copy``)
 and written with ``webdataset.TarWriter`` as one sample of ``OUT/{prefix}-NNNNNN.tar``:
 
-=============  ==============================================================
-``KEY.mp4``    the video (``KEY.webm`` for VP9; copy keeps mp4/webm/mkv)
-``KEY.json``   label, label_name, source, num_frames, fps, width, height,
-               codec, duration, key, index
-``KEY.cls``    the label as ASCII (-1: unlabeled)
-``KEY.nframes`` int32 little-endian: the exact number of decodable frames
-``KEY.ids``    int64 little-endian ``[index, label]``: the video's position
-               in manifest order and its label, readable by DALI as numbers
-=============  ==============================================================
+=================  ==========================================================
+``KEY.mp4``        the video: a fragmented MP4, one fragment per GOP (H.264
+                   or VP9; copy: mp4, or webm/mkv for codecs MP4 cannot hold)
+``KEY.json``       label, label_name, source, num_frames, fps, width, height,
+                   codec, duration, key, index, fragments, window_cut (and
+                   window_cut_reason where it is false)
+``KEY.cls``        the label as ASCII (-1: unlabeled)
+``KEY.nframes``    int32 little-endian: the exact number of decodable frames
+``KEY.ids``        int64 little-endian ``[index, label]``: the video's position
+                   in manifest order and its label, readable by DALI as numbers
+``KEY.frag_bytes`` int64 little-endian [G + 1]: where each fragment starts in
+                   the member, then where the last one ends
+``KEY.frag_frames`` int32 little-endian [G + 1]: each fragment's first frame,
+                   then num_frames (so a loader decodes a window from the
+                   init segment + its fragments; see loaders/fragments.py)
+=================  ==========================================================
+
+A member whose fragments do not each decode alone (``--codec copy`` of open
+GOPs) gets the one-fragment table [0, size] / [0, num_frames]: decoded
+whole, ``window_cut`` false in its json, counted in the summary.
 
 Beside each tar a DALI index ``.idx`` (the format of DALI's ``wds2idx``); in
 OUT ``manifest.json``, ``classes.txt`` and ``failed.jsonl`` (one line per input
@@ -50,6 +61,8 @@ from shard_tools.transcode import BadVideo, EncodeSettings, transcode
 from shard_tools.wds_index import write_index
 
 STATE_FILE = ".make_shards_state.json"
+# the member layout: fragmented MP4 + fragment tables (a --resume of a run that wrote another is refused)
+MEMBER_FORMAT = "fmp4-fragments-v1"
 EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 3
 
 
@@ -161,7 +174,7 @@ class ShardSet:
         name = self._name(len(self.state["shards"]))
         self.tmp_tar = os.path.join(self.out, name + ".tar.tmp")
         self.writer = wds.TarWriter(self.tmp_tar, encoder=False)
-        self.keys, self.bytes, self.first_index = [], 0, self.next_index
+        self.keys, self.bytes, self.first_index, self.whole = [], 0, self.next_index, 0
 
     def add(self, sample: Sample, data: bytes, meta: dict) -> None:
         if self.writer is not None and (
@@ -175,7 +188,11 @@ class ShardSet:
         info = {"label": sample.label, "label_name": sample.label_name, "source": sample.source,
                 "num_frames": meta["num_frames"], "fps": meta["fps"], "width": meta["width"],
                 "height": meta["height"], "codec": meta["codec"], "duration": meta["duration"],
-                "key": sample.key, "index": index}
+                "key": sample.key, "index": index, "fragments": meta["fragments"].count,
+                "window_cut": meta["window_cut"]}
+        if not meta["window_cut"]:
+            info["window_cut_reason"] = meta["window_cut_reason"]
+            self.whole += 1
         # members carry the source's mtime, not the clock's: the same input gives the same tar
         self.writer.mtime = _mtime(sample.path)
         self.bytes += self.writer.write({
@@ -185,6 +202,7 @@ class ShardSet:
             "cls": str(sample.label).encode("ascii"),
             "nframes": struct.pack("<i", meta["num_frames"]),
             "ids": struct.pack("<qq", index, sample.label),
+            **meta["fragments"].members(),
         })
         self.keys.append(sample.key)
         self.next_index += 1
@@ -204,7 +222,8 @@ class ShardSet:
             os.replace(idx + ".tmp", idx)
             os.replace(self.tmp_tar, tar)
             self.state["shards"].append({"path": name + ".tar", "num_samples": len(self.keys),
-                                         "first_index": self.first_index, "keys": self.keys})
+                                         "first_index": self.first_index, "keys": self.keys,
+                                         "whole_member": self.whole})
         self.state["failed"].extend(self.pending_failed)
         self.pending_failed = []
         save_state(self.out, self.state)
@@ -261,6 +280,8 @@ def write_outputs(out: str, prefix: str, state: dict, classes: list[str], settin
         "settings": settings,
         "pattern": brace_pattern(prefix, len(shards)) if shards else None,
         "failed": len(state["failed"]),
+        "member_format": MEMBER_FORMAT,
+        "whole_member_samples": sum(s["whole_member"] for s in state["shards"]),
     }
     _atomic_write(os.path.join(out, "classes.txt"), "".join(c + "\n" for c in classes))
     _atomic_write(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1, ensure_ascii=False))
@@ -301,7 +322,8 @@ def run(args: argparse.Namespace) -> int:
     recorded = {k: v for k, v in settings.as_dict().items()
                 if k != "threads" and not (k == "bframes" and v is None)}  # (as shards made before --bframes)
     max_bytes = args.shard_size or (None if args.samples_per_shard else parse_size("1GB"))
-    run_config = {**recorded, "layout": layout, "src": os.path.abspath(args.src), "seed": args.seed,
+    run_config = {**recorded, "member_format": MEMBER_FORMAT, "layout": layout, "src": os.path.abspath(args.src),
+                  "seed": args.seed,
                   "samples_per_shard": args.samples_per_shard, "shard_size": max_bytes,
                   "annotations": args.annotations, "split": args.split, "split_file": args.split_file,
                   "unlabeled": args.unlabeled, "prefix": args.prefix}
@@ -325,6 +347,9 @@ def run(args: argparse.Namespace) -> int:
         for sample, data, meta, reason in results:
             if reason is None:
                 shards.add(sample, data, meta)
+                if not meta["window_cut"]:
+                    bar.write(f"decoded whole, not cut to its windows: {sample.source}: {meta['window_cut_reason']}",
+                              file=sys.stderr)
             else:
                 shards.fail(sample, reason)
                 bar.write(f"failed: {sample.source}: {reason}", file=sys.stderr)
@@ -342,7 +367,10 @@ def run(args: argparse.Namespace) -> int:
     write_outputs(args.out, args.prefix, state, classes, manifest_settings)
     packed = sum(s["num_samples"] for s in state["shards"])
     failed = len(state["failed"])
-    print(f"{packed} packed, {failed} failed (see {os.path.join(args.out, 'failed.jsonl')})")
+    whole = sum(s["whole_member"] for s in state["shards"])
+    cut = (f"; {whole} of them decoded whole, not cut to their windows (window_cut_reason in their json)"
+           if whole else "")
+    print(f"{packed} packed, {failed} failed (see {os.path.join(args.out, 'failed.jsonl')}){cut}")
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -1,9 +1,12 @@
 """Turn one input video into one packed shard member, or say why it cannot be.
 
-`transcode(path, settings)` returns ``(data, meta)``: the encoded member (an
-MP4 holding H.264, a WebM holding VP9, or the untouched stream for
-``codec="copy"``) and the facts the loaders need (``num_frames`` counted from
-what was encoded, ``fps``, ``width``, ``height``, ``codec``, ``duration``).
+`transcode(path, settings)` returns ``(data, meta)``: the encoded member (a
+fragmented MP4 holding H.264 or VP9, one fragment per GOP; or the untouched
+stream for ``codec="copy"``) and the facts the loaders need (``num_frames``
+counted from what was encoded, ``fps``, ``width``, ``height``, ``codec``,
+``duration``, and ``fragments``: where each fragment starts, in bytes and
+frames, so a loader decodes a window from its fragments alone — see
+:mod:`loaders.fragments`).
 Anything wrong with the input raises :class:`BadVideo` with a reason a person
 understands; make_shards writes that reason to ``failed.jsonl``.
 
@@ -11,12 +14,19 @@ Output frame rate is constant: input frames are placed on the output grid by
 their presentation time (nearest slot, as FFmpeg's ``fps`` filter does), so
 variable-frame-rate input is duplicated/dropped into a steady ``fps``. GOPs are
 closed with a keyframe every ``gop`` frames so a clip decode starts at most
-``gop - 1`` frames before its window.
+``gop - 1`` frames before its window, and each GOP is one fragment of the MP4.
+``codec="copy"`` keeps the source's GOPs (irregular or open): the stream is
+re-muxed into a fragmented MP4 with a fragment at each keyframe, and every
+fragment is decoded alone and compared with the whole decode; where one does
+not decode to the same frames (an open GOP, a keyframe that is not an IDR) or
+the codec has no fragmented-MP4 mapping, the member is decoded whole by the
+loaders (``meta["window_cut"]`` False, with the reason).
 """
 from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import io
 import os
 from dataclasses import asdict, dataclass
@@ -26,8 +36,11 @@ import av
 from av.video.frame import PictureType
 from av.video.reformatter import VideoReformatter
 
-# container / member extension for each output codec
-MEMBER_EXT = {"h264": "mp4", "vp9": "webm"}
+from loaders.fragments import Fragments, whole_member
+from shard_tools import fmp4
+
+# container / member extension for each output codec: fragmented MP4 for both
+MEMBER_EXT = {"h264": "mp4", "vp9": "mp4"}
 ENCODER = {"h264": "libx264", "vp9": "libvpx-vp9"}
 _DEFAULT_CRF = {"h264": 23, "vp9": 32}
 # image demuxers: a lone picture is not a video
@@ -237,7 +250,7 @@ def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
     w, h = output_size(in_w, in_h, s.short_side)
     fps = Fraction(s.fps).limit_denominator(1001) if s.fps else _input_rate(stream)
     buf = io.BytesIO()
-    out = av.open(buf, "w", format=MEMBER_EXT[s.codec])
+    out = av.open(buf, "w", format=MEMBER_EXT[s.codec], options={"movflags": fmp4.MOVFLAGS})
     ost = out.add_stream(ENCODER[s.codec], rate=fps)
     ost.width, ost.height, ost.pix_fmt = w, h, "yuv420p"
     ost.codec_context.thread_count = s.threads
@@ -259,32 +272,104 @@ def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
     for packet in ost.encode():
         out.mux(packet)
     out.close()
+    data = buf.getvalue()
     meta = {"num_frames": n, "fps": float(fps), "width": w, "height": h, "codec": s.codec}
-    return buf.getvalue(), meta
+    try:  # closed GOPs of ``gop`` frames: every fragment starts with a keyframe that decodes alone
+        frags = fmp4.parse(data)
+        if int(frags.frames[-1]) != n:
+            raise ValueError(f"its fragments hold {int(frags.frames[-1])} frames, {n} were encoded")
+        meta.update(fragments=frags, window_cut=True)
+    except ValueError as e:  # not expected: say so, and decode that member whole
+        meta.update(fragments=whole_member(len(data), n), window_cut=False,
+                    window_cut_reason=f"the encoded MP4 cannot be cut: {e}")
+    return data, meta
 
 
-_COPY_CONTAINER = {"vp8": "webm", "vp9": "webm", "av1": "mp4", "h264": "mp4", "hevc": "mp4", "mpeg4": "mp4"}
+# containers for --codec copy: a fragmented MP4 where the codec has an MP4 mapping, else its own container
+_COPY_CONTAINER = {"vp8": "webm", "vp9": "mp4", "av1": "mp4", "h264": "mp4", "hevc": "mp4", "mpeg4": "mp4"}
 
 
-def _copy(container, stream, path: str) -> tuple[bytes, dict]:
-    name = stream.codec_context.name
-    fmt = _COPY_CONTAINER.get(name, "matroska")
+def _with_dts(packets, step: int):
+    """Packets with a decode timestamp each. Matroska leaves it unset on the
+    first packets of a stream with B-frames (the keyframe among them): those
+    get the known one's, less one frame ``step`` per packet before it, instead
+    of being dropped (which lost the first GOP). Flush packets are left out."""
+    held = []
+    for packet in packets:
+        if packet.size == 0:
+            continue
+        if packet.dts is None and packet.pts is None:
+            continue  # nothing to place it by
+        if packet.dts is None:
+            held.append(packet)
+            continue
+        for k, early in enumerate(held):
+            early.dts = packet.dts - (len(held) - k) * step
+            yield early
+        held = []
+        yield packet
+    for k, early in enumerate(held):  # no packet had one: decode order from the presentation times
+        early.dts = early.pts if early.pts is not None else k * step
+        yield early
+
+
+def _remux(container, stream, fmt: str, options: dict | None = None) -> bytes:
     buf = io.BytesIO()
-    out = av.open(buf, "w", format=fmt)
+    out = av.open(buf, "w", format=fmt, options=options or {})
     ost = out.add_stream_from_template(stream)
+    step = max(1, round(1 / (_input_rate(stream) * stream.time_base))) if stream.time_base else 1
     try:
-        for packet in container.demux(stream):
-            if packet.dts is None:
-                continue
+        for packet in _with_dts(container.demux(stream), step):
             packet.stream = ost
             out.mux(packet)
     except av.error.FFmpegError as e:
         raise BadVideo(f"corrupt: demuxing failed ({_msg(e)})") from None
-    out.close()
-    data = buf.getvalue()
+    finally:
+        out.close()
+    return buf.getvalue()
+
+
+def _frame_digests(data: bytes) -> list[bytes]:
+    """A digest of every frame a decoder gets back from ``data``, in display order."""
+    with av.open(io.BytesIO(data)) as c:
+        return [hashlib.blake2b(b"".join(bytes(p) for p in f.planes), digest_size=16).digest()
+                for _, f in _decoded_frames(c, c.streams.video[0])]
+
+
+def cut_check(data: bytes, frags: Fragments, digests: list[bytes]) -> str | None:
+    """None if every fragment, decoded alone after the init segment, gives
+    exactly its frames of the whole decode (``digests``); else why not."""
+    if int(frags.frames[-1]) != len(digests):
+        return f"its fragments hold {int(frags.frames[-1])} frames, the whole decode {len(digests)}"
+    for g in range(frags.count):
+        lo, hi = int(frags.frames[g]), int(frags.frames[g + 1])
+        try:
+            alone = _frame_digests(data[:frags.init_size] + data[int(frags.bytes[g]):int(frags.bytes[g + 1])])
+        except BadVideo as e:
+            alone = str(e)
+        if alone != digests[lo:hi]:
+            return (f"fragment {g} (frames {lo}-{hi - 1}) does not decode alone to the same frames "
+                    "(an open GOP, or a keyframe that is not an IDR)")
+    return None
+
+
+def _copy(container, stream, path: str) -> tuple[bytes, dict]:
+    """The source's stream re-muxed unchanged: a fragmented MP4 (a fragment at
+    each keyframe) that is cut only where every fragment decodes alone."""
+    name = stream.codec_context.name
+    fmt = _COPY_CONTAINER.get(name, "matroska")
+    reason = None if fmt == "mp4" else f"{name} has no fragmented-MP4 mapping (kept in {fmt})"
+    data = _remux(container, stream, fmt, {"movflags": fmp4.MOVFLAGS} if fmt == "mp4" else None)
     # count exactly what a decoder gets back from the packed member
-    with av.open(io.BytesIO(data)) as check:
-        n = sum(1 for _ in _decoded_frames(check, check.streams.video[0]))
+    digests = _frame_digests(data)
+    n = len(digests)
+    frags = None
+    if reason is None:
+        try:
+            frags = fmp4.parse(data)
+            reason = cut_check(data, frags, digests)
+        except ValueError as e:
+            reason = f"the re-muxed MP4 cannot be cut: {e}"
     ext = {"webm": "webm", "mp4": "mp4"}.get(fmt, "mkv")
     meta = {
         "num_frames": n,
@@ -293,7 +378,11 @@ def _copy(container, stream, path: str) -> tuple[bytes, dict]:
         "height": stream.codec_context.height,
         "codec": name,
         "ext": ext,
+        "fragments": frags if reason is None else whole_member(len(data), n),
+        "window_cut": reason is None,
     }
+    if reason is not None:
+        meta["window_cut_reason"] = reason
     return data, meta
 
 

@@ -56,10 +56,11 @@ def test_real_videos_packed_exactly(h264_shards, real_tree):
     indices = []
     for key, members in samples.items():
         assert "." not in key and key
-        assert set(members) == {"mp4", "json", "cls", "nframes", "ids"}
+        assert set(members) == {"mp4", "json", "cls", "nframes", "ids", "frag_bytes", "frag_frames"}
         info = json.loads(members["json"])
         n, (rate, w, h) = decode_count(members["mp4"])
         assert info["num_frames"] == n == struct.unpack("<i", members["nframes"])[0]
+        assert info["window_cut"] is True and info["fragments"] == -(-n // 16)
         assert rate == 30 and info["fps"] == 30.0
         assert min(w, h) == 128 and w % 2 == 0 and h % 2 == 0
         assert (info["width"], info["height"]) == (w, h)
@@ -115,16 +116,47 @@ def test_dali_reader_reads_every_sample_with_the_index(h264_shards):
     assert sorted(seen) == list(range(n))
 
 
+@pytest.mark.parametrize("shards", ["h264_shards", "vp9_shards"])
+def test_members_are_fragmented_mp4s_cut_at_every_gop(shards, request):
+    """Each member is a standard MP4 that PyAV decodes whole to num_frames
+    frames, with one fragment per 16-frame GOP; its table (KEY.frag_bytes,
+    KEY.frag_frames) is where each fragment starts; the init segment followed
+    by any run of fragments decodes to exactly those frames of the whole."""
+    from loaders.fragments import Fragments
+    from shard_tools import fmp4
+    for key, members in tar_samples(request.getfixturevalue(shards)).items():
+        info = json.loads(members["json"])
+        data = members["mp4"]
+        frags = Fragments.from_members(members["frag_bytes"], members["frag_frames"])
+        parsed = fmp4.parse(data)
+        assert np.array_equal(frags.bytes, parsed.bytes) and np.array_equal(frags.frames, parsed.frames)
+        n = info["num_frames"]
+        assert frags.frames.tolist() == [*range(0, n, 16), n] and frags.bytes[-1] <= len(data)
+        assert data[frags.bytes[0] + 4:frags.bytes[0] + 8] == b"moof"
+        with av.open(io.BytesIO(data)) as c:
+            whole = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        assert len(whole) == n
+        for g0, g1 in [(0, 1), (1, 3), (frags.count - 2, frags.count), (frags.count // 2, frags.count // 2 + 1)]:
+            if not 0 <= g0 < g1 <= frags.count:
+                continue
+            first, last = int(frags.frames[g0]), int(frags.frames[g1]) - 1
+            cut, base = frags.cut(data, first, last)
+            assert base == first and (len(cut) < len(data) or frags.count == 1)
+            with av.open(io.BytesIO(cut)) as c:
+                part = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+            assert len(part) == last - first + 1 and all(np.array_equal(a, b) for a, b in zip(part, whole[first:]))
+
+
 def test_vp9_shards_decode_on_dali_cpu(vp9_shards):
     pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, pipeline_def
     samples = tar_samples(vp9_shards)
     for key, members in samples.items():
-        assert set(members) == {"webm", "json", "cls", "nframes", "ids"}
+        assert set(members) == {"mp4", "json", "cls", "nframes", "ids", "frag_bytes", "frag_frames"}
         info = json.loads(members["json"])
-        n, _ = decode_count(members["webm"])
-        assert n == info["num_frames"]
-        data = np.frombuffer(members["webm"], np.uint8)
+        n, _ = decode_count(members["mp4"])
+        assert n == info["num_frames"] and info["codec"] == "vp9"
+        data = np.frombuffer(members["mp4"], np.uint8)
 
         @pipeline_def(batch_size=1, num_threads=1, device_id=None)
         def pipe():
@@ -266,6 +298,43 @@ def test_copy_keeps_the_stream(videos, tmp_path):
     info = json.loads(members["json"])
     n, (rate, w, h) = decode_count(members["mp4"])
     assert info["codec"] == "mpeg4" and (w, h) == (320, 240) and n == info["num_frames"] == 164
+    assert info["window_cut"] is True
+
+
+def test_copy_cuts_where_every_fragment_decodes_alone(tmp_path, capsys):
+    """--codec copy keeps the source's GOPs: closed GOPs of any length are cut at
+    each keyframe; an open GOP (its leading frames need the GOP before) and a
+    codec MP4 cannot hold (VP8) are decoded whole, said in the json and the
+    summary. Matroska's first packets carry no decode time: every frame is kept."""
+    from loaders.fragments import Fragments
+    src = tmp_path / "src"
+    src.mkdir()
+    x264 = "keyint={}:min-keyint={}:scenecut={}:open-gop={}:bframes=3"
+    media.write_coded_video(src / "open.mkv", 120, codec="libx264",
+                            options={"x264-params": x264.format(24, 24, 0, 1)})
+    media.write_coded_video(src / "gop37.mkv", 120, codec="libx264",
+                            options={"x264-params": x264.format(37, 37, 0, 0)})
+    media.write_coded_video(src / "vp8.webm", 120, codec="libvpx", options={"g": "30"})
+    out = tmp_path / "out"
+    assert make_shards([str(src), str(out), "--codec", "copy", "--quiet", "--workers", "0"]) == 0
+    summary = capsys.readouterr()
+    assert "3 packed, 0 failed" in summary.out and "2 of them decoded whole" in summary.out
+    assert "open.mkv" in summary.err and "vp8.webm" in summary.err
+    got = {}
+    for members in tar_samples(out).values():
+        info = json.loads(members["json"])
+        ext = next(e for e in ("mp4", "webm") if e in members)
+        n, _ = decode_count(members[ext])
+        assert n == info["num_frames"] == 120, info["source"]
+        got[info["source"]] = (info, Fragments.from_members(members["frag_bytes"], members["frag_frames"]), ext)
+    info, frags, ext = got["gop37.mkv"]
+    assert info["window_cut"] is True and ext == "mp4"
+    assert frags.frames.tolist() == [0, 37, 74, 111, 120]
+    info, frags, ext = got["open.mkv"]
+    assert info["window_cut"] is False and "does not decode alone" in info["window_cut_reason"]
+    assert frags.frames.tolist() == [0, 120] and frags.bytes[0] == 0 and not frags.cuttable
+    info, frags, ext = got["vp8.webm"]
+    assert info["window_cut"] is False and ext == "webm" and "vp8" in info["window_cut_reason"]
 
 
 @pytest.mark.parametrize("extra", [["--codec", "copy", "--fps", "30"], ["--codec", "copy", "--short-side", "128"],
@@ -424,3 +493,20 @@ def test_write_index_rejects_empty_tar(tmp_path):
     tarfile.open(path, "w").close()
     with pytest.raises(ValueError, match="no samples"):
         write_index(str(path), str(tmp_path / "empty.idx"))
+
+
+def test_resume_refuses_a_run_with_another_member_format(videos, tmp_path, capsys):
+    """A --resume of a run begun by an older make_shards (members without
+    fragment tables) would mix two member formats in one dataset: refused."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(videos / "part_0.mp4", src / "part_0.mp4")
+    out = tmp_path / "out"
+    args = [str(src), str(out), "--short-side", "64", "--quiet", "--workers", "0"]
+    assert make_shards(args) == 0
+    state_path = out / ".make_shards_state.json"
+    state = json.loads(state_path.read_text())
+    del state["config"]["member_format"]  # as the state of a run before fragment tables
+    state_path.write_text(json.dumps(state))
+    assert make_shards(args + ["--resume"]) == 2
+    assert "member_format" in capsys.readouterr().err
