@@ -32,7 +32,12 @@ def build_loader(shards, *, backend: str, batch_size: int, tau: int = 8, alpha: 
     processes (pyav; 0 = in-process; default: CPU cores) or threads (dali,
     ffcv). Options: ``independent_crops``, ``num_clips`` and ``num_crops``
     (evaluation views; not ffcv), ``drop_last``, ``shuffle_buffer`` (pyav),
-    ``os_cache`` and ``order`` (ffcv), ``num_videos`` (synthetic).
+    ``window_cut`` (dali, pyav: decode each clip from its member cut to the
+    fragments its window needs — the default where the shards carry
+    fragment tables; False decodes whole members, as before them),
+    ``view_cut`` (dali: "each" view its own cut, the default, or one
+    "cover"ing all views), ``os_cache`` and ``order`` (ffcv), ``num_videos``
+    (synthetic).
     """
     import os
     if batch_size < 1:

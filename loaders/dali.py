@@ -1,9 +1,13 @@
 """The DALI backend: the whole clip path declared as one DALI graph.
 
     fn.readers.webdataset (the .idx files; sharded by rank; shuffled)
-      -> num_frames (KEY.nframes) and [index, label] (KEY.ids) read as numbers
+      -> num_frames (KEY.nframes), [index, label] (KEY.ids) and the fragment
+         table (KEY.frag_bytes, KEY.frag_frames) read as numbers
       -> window start and the fast frame ids chosen in the graph
-      -> fn.decoders.video: the fast sequence decoded once
+      -> the member cut to its window: init segment + the fragments that hold
+         the window's frames (uint8 slices, concatenated), ids made relative
+         to the cut (see loaders/fragments.py)
+      -> fn.decoders.video: the fast sequence decoded once from the cut
          (device "mixed" = NVDEC on a GPU; "cpu" = VP8/VP9/MJPEG only)
       -> the crop of the frames resized to short side S (fn.resize of only
          the window it reads), then fn.crop_mirror_normalize flips,
@@ -15,6 +19,12 @@
 The sampling rules are those of :mod:`loaders.common` (same window, same
 evaluation crop as the PyAV backend); random draws come from DALI's own
 generators seeded by ``seed`` and ``rank``.
+
+Why the cut: DALI 2.4's ``fn.decoders.video`` decodes every sample from its
+first frame (it builds no index to seek with), so on a whole member a clip's
+cost grows with its window's position. Cut to its fragments, a window costs
+the same anywhere. Shards packed before make_shards wrote fragment tables are
+decoded whole (one warning); a dataset mixing both is refused.
 """
 from __future__ import annotations
 
@@ -29,6 +39,9 @@ import numpy as np
 import torch
 
 from loaders.common import H264_LIKE, MEAN, STD, ClipSpec, LoaderStats, Shards, Timer, rank_indices, scale_range
+from loaders.fragments import FRAGMENT_MEMBERS
+
+VIEW_CUTS = ("each", "cover")
 
 
 def _first_codec(shards: Shards) -> str | None:
@@ -53,6 +66,40 @@ def check_decodable(shards: Shards, device: str) -> None:
             f"with make_shards --codec vp9.")
 
 
+def has_fragment_tables(shards: Shards) -> bool:
+    """True if every sample of ``shards`` carries its fragment table, False if
+    none does (shards packed before make_shards wrote them), read from the
+    .idx files (each line names its sample's members). A mix is refused: one
+    DALI graph decodes every sample the same way."""
+    found = {}
+    for tar in shards.tars:
+        with open(shards.idx(tar)) as f:
+            f.readline()
+            for line in f:
+                exts = set(line.split()[0::4])
+                found.setdefault(all(m in exts for m in FRAGMENT_MEMBERS), tar)
+        if len(found) == 2:
+            raise ValueError(
+                f"dali backend: {found[True]} carries fragment tables (KEY.frag_bytes, KEY.frag_frames) and "
+                f"{found[False]} does not (packed before make_shards wrote them): one DALI graph decodes every "
+                "sample the same way. Re-pack the older shards with make_shards.")
+    return bool(found) and next(iter(found))
+
+
+def cut_to_window(video, frag_bytes, frag_frames, frame_ids, fn, types):
+    """The member cut to the frames ``frame_ids`` need, in DALI ops: its init
+    segment + the fragments [g0, g1) holding min..max of the ids (uint8
+    subscripts, concatenated; subscripts and ``cat``'s first input keep the
+    sample's source info, which names the member in a decoder error), and the
+    ids relative to the cut. ``frag_frames[g0]`` is the last fragment start
+    <= min, g1 the first > max: counts of the table's entries at or below."""
+    first, last = fn.reductions.min(frame_ids), fn.reductions.max(frame_ids)
+    g0 = fn.reductions.sum(fn.cast(frag_frames <= first, dtype=types.INT32)) - 1
+    g1 = fn.reductions.sum(fn.cast(frag_frames <= last, dtype=types.INT32))
+    cut = fn.cat(video[0:frag_bytes[0]], video[frag_bytes[g0]:frag_bytes[g1]], axis=0)
+    return cut, frame_ids - frag_frames[g0]
+
+
 def resized_crop(frames, h, w, sh, sw, y0, x0, size: int, fn, types):
     """The ``size`` square at (y0, x0) of the frames resized from (h, w) to
     (sh, sw) (bilinear, antialiased when shrinking), in DALI ops. Only the
@@ -72,9 +119,11 @@ class DALILoader:
                  normalize: bool, device: str, rank: int, world_size: int, num_threads: int, seed: int,
                  channels_last: bool, independent_crops: bool = False, num_clips: int = 1, num_crops: int = 1,
                  drop_last: bool = False, initial_fill: int = 256, prefetch_queue_depth: int = 2,
-                 device_id: int | None = None, **unused):
+                 device_id: int | None = None, window_cut: bool | None = None, view_cut: str = "each", **unused):
         if unused:
             raise TypeError(f"dali backend: unknown options {sorted(unused)}")
+        if view_cut not in VIEW_CUTS:
+            raise ValueError(f"dali backend: view_cut must be one of {VIEW_CUTS}, not {view_cut!r}")
         self.num_clips, self.num_crops = (1, 1) if train else (num_clips, num_crops)
         device = str(device)
         self.on_gpu = device.startswith("cuda")
@@ -95,6 +144,18 @@ class DALILoader:
         self.stats = LoaderStats()
         self._iter = None
         self.index_paths = [shards.idx(t) for t in shards.tars]
+        tables = has_fragment_tables(shards)
+        if window_cut and not tables:
+            raise ValueError(f"dali backend: window_cut=True, but {shards.tars[0]} has no fragment tables "
+                             "(packed before make_shards wrote them): re-pack it with make_shards")
+        if not tables:
+            warnings.warn(
+                f"dali loader: {os.path.dirname(shards.tars[0]) or '.'} was packed before make_shards wrote "
+                "fragment tables: every clip decodes its member from frame 0, so it costs more the later its "
+                "window. Re-pack with make_shards to decode only the window's fragments.", RuntimeWarning)
+        # cut each member to its window (default where the shards allow); False: decode whole members
+        self.window_cut = tables if window_cut is None else window_cut
+        self.view_cut = view_cut  # evaluation views: a cut per view, or one cut covering them all
         self._patched = None  # folder of rewritten indices that leave out undecodable members
         views = [f"_{v}" for v in range(self._views())] if self._views() > 1 else [""]
         self._outputs = ([f"fast{v}" for v in views] + [f"frame_ids{v}" for v in views] + ["index", "label"]
@@ -151,9 +212,11 @@ class DALILoader:
                       seed=self.seed * 1000 + self.rank, prefetch_queue_depth=self.prefetch,
                       exec_dynamic=True)
         def graph():
-            video, nframes, ids = fn.readers.webdataset(
+            tables = ["frag_bytes", "frag_frames"] if self.window_cut else []
+            video, nframes, ids, *fragments = fn.readers.webdataset(
                 paths=self.shards.tars, index_paths=self.index_paths,
-                ext=["mp4;webm;mkv", "nframes", "ids"], dtypes=[types.UINT8, types.INT32, types.INT64],
+                ext=["mp4;webm;mkv", "nframes", "ids", *tables],
+                dtypes=[types.UINT8, types.INT32, types.INT64, *[types.INT64, types.INT32][:len(tables)]],
                 missing_component_behavior="error", random_shuffle=self.train, initial_fill=self.initial_fill,
                 shard_id=self.rank, num_shards=self.world_size, pad_last_batch=True, stick_to_shard=False,
                 shuffle_after_epoch=False, name="reader")
@@ -167,20 +230,17 @@ class DALILoader:
             else:  # num_clips evenly spaced windows; one: the centre window
                 delta = dmath.max(n - spec.window, 0)
                 clip_ids = [(delta * (2 * k + 1) // (2 * self.num_clips) + offsets) % n for k in range(self.num_clips)]
-            frame_ids = clip_ids[0] if len(clip_ids) == 1 else fn.cat(*clip_ids, axis=0)
-            frames = fn.decoders.video(video, device="mixed" if self.on_gpu else "cpu", frames=frame_ids)
+            clips = self._decode(video, fragments, clip_ids, fn, types)
             if decode_only:
-                return frames
+                return clips[0] if len(clips) == 1 else fn.cat(*clips, axis=0)
             fasts, view_ids = [], []
-            for k, ids_k in enumerate(clip_ids):
-                clip = frames if len(clip_ids) == 1 else fn.slice(
-                    frames, start=[k * spec.fast_frames], shape=[spec.fast_frames], axes=[0])
+            for clip, ids_k in zip(clips, clip_ids):
                 for j in range(self.num_crops):
                     fasts.append(self._crop(clip, fn, types, dmath, crop_idx=j))
                     view_ids.append(fn.cast(ids_k, dtype=types.INT64))
             outputs = [*fasts, *view_ids, ids[0], ids[1]]
             if self.independent_crops:  # (DALI's subscript ignores a step on a sequence: pick frames explicitly)
-                picked = fn.element_extract(frames, element_map=list(range(0, spec.fast_frames, spec.alpha)))
+                picked = fn.element_extract(clips[0], element_map=list(range(0, spec.fast_frames, spec.alpha)))
                 slow_frames = fn.reshape(fn.stack(*picked), layout="FHWC")
                 outputs.append(self._crop(slow_frames, fn, types, dmath))
             return tuple(outputs)
@@ -188,6 +248,27 @@ class DALILoader:
         pipe = graph()
         pipe.build()
         return pipe
+
+    def _decode(self, video, fragments: list, clip_ids: list, fn, types) -> list:
+        """The fast frames of every view (one view in training), decoded from
+        the member cut to the views' windows (one cut per view with
+        ``view_cut="each"``, one covering them all with "cover"), or from the
+        whole member when the shards carry no fragment tables."""
+        def decode(data, ids):
+            return fn.decoders.video(data, device="mixed" if self.on_gpu else "cpu", frames=ids)
+
+        def split(frames):
+            if len(clip_ids) == 1:
+                return [frames]
+            f = self.spec.fast_frames
+            return [fn.slice(frames, start=[k * f], shape=[f], axes=[0]) for k in range(len(clip_ids))]
+
+        every = clip_ids[0] if len(clip_ids) == 1 else fn.cat(*clip_ids, axis=0)
+        if not self.window_cut:
+            return split(decode(video, every))
+        if self.view_cut == "each":
+            return [decode(*cut_to_window(video, *fragments, ids, fn, types)) for ids in clip_ids]
+        return split(decode(*cut_to_window(video, *fragments, every, fn, types)))
 
     # ------------------------------------------------------------------ iteration
     def __len__(self) -> int:

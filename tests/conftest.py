@@ -80,3 +80,61 @@ def coded_tree(tmp_path_factory) -> Path:
     media.write_coded_video(root / "long" / "coded_90.mkv", 90)
     media.write_coded_video(root / "short" / "coded_40.mkv", 40)
     return root
+
+
+@pytest.fixture(scope="session")
+def long_coded_tree(tmp_path_factory) -> Path:
+    """Frame-number-coded videos longer than a window (610, 700 frames: windows far from
+    frame 0) and one shorter (40: looped), lossless; up to 1023 frames are coded."""
+    root = tmp_path_factory.mktemp("long_coded")
+    (root / "long").mkdir()
+    for n in (610, 700, 40):
+        media.write_coded_video(root / "long" / f"long_{n}.mkv", n, height=64, width=96, long=True)
+    return root
+
+
+long_vp9 = _shards("long_coded_tree", "long_vp9", "--short-side", "64", "--codec", "vp9", "--crf", "4")
+long_h264 = _shards("long_coded_tree", "long_h264", "--short-side", "64", "--crf", "10")  # NVDEC-decodable
+
+
+def old_format_copy(src: Path, dst: Path) -> Path:
+    """The shards ``src`` as make_shards wrote them before fragment tables:
+    each video member re-muxed into a plain (unfragmented) file — WebM for
+    VP9, MP4 for H.264 — and no KEY.frag_bytes / KEY.frag_frames."""
+    import io
+    import tarfile
+
+    import av
+    from shard_tools.wds_index import write_index
+    dst.mkdir(parents=True)
+    for tar in sorted(src.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            members = [(m, t.extractfile(m).read()) for m in t]
+        with tarfile.open(dst / tar.name, "w") as t:
+            for m, data in members:
+                key, ext = m.name.split(".", 1)
+                if ext in ("frag_bytes", "frag_frames"):
+                    continue
+                if ext == "mp4":
+                    with av.open(io.BytesIO(data)) as c:
+                        s = c.streams.video[0]
+                        fmt = "webm" if s.codec_context.name == "vp9" else "mp4"
+                        buf = io.BytesIO()
+                        with av.open(buf, "w", format=fmt) as out:
+                            o = out.add_stream_from_template(s)
+                            for p in c.demux(s):
+                                if p.size:
+                                    p.stream = o
+                                    out.mux(p)
+                    data = buf.getvalue()
+                    m.name = f"{key}.{fmt}"
+                m.size = len(data)
+                t.addfile(m, io.BytesIO(data))
+        write_index(str(dst / tar.name), str(dst / tar.with_suffix(".idx").name))
+    shutil.copy(src / "manifest.json", dst / "manifest.json")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def old_long_vp9(long_vp9, tmp_path_factory) -> Path:
+    return old_format_copy(long_vp9, tmp_path_factory.mktemp("old") / "shards")

@@ -14,7 +14,7 @@ import torch
 from loaders import build_loader
 from loaders.common import ClipSpec
 from tests.test_core import TRAIN, _train
-from tests.test_loaders import KEYS, check_exact, corrupt_copy
+from tests.test_loaders import KEYS, check_exact, check_long_windows, corrupt_copy, long_numbers
 
 pytest.importorskip("nvidia.dali")
 pytestmark = [pytest.mark.gpu,
@@ -80,6 +80,32 @@ def test_corrupt_h264_member_is_reported_and_skipped(h264_shards, tmp_path):
     assert len(out) == len(loader) == 3
     assert len({i for b in out for i in b["index"].tolist()}) == 4
     assert loader.stats.skipped == 1 and victim in loader.stats.skip_reasons[0]["key"]
+
+
+def test_mixed_decode_of_windows_cut_from_long_h264(long_h264):
+    """The window-cut graph on NVDEC: training windows over several epochs
+    (many far from frame 0), centre windows and 5 views of 610- and
+    700-frame videos and a looped 40-frame one, each frame the one its id
+    names; the same frames as the whole-member decode; both view cuts."""
+    seen = {}
+    for epoch in range(3):
+        loader, out = gpu_batches(long_h264, batch_size=3, seed=epoch)
+        assert loader.window_cut
+        for idx, s in check_long_windows(out, long_h264, train=True).items():
+            seen.setdefault(idx, set()).update(s)
+    assert max(max(s) for s in seen.values()) > 300
+    got = {}
+    for cut in (True, False):
+        _, out = gpu_batches(long_h264, train=False, batch_size=5, num_clips=5, window_cut=cut)
+        check_long_windows(out, long_h264, train=False, num_clips=5)
+        got[cut] = {(b["index"][i].item(), b["view"][i].item()): b["fast"][i] for b in out
+                    for i in range(b["fast"].shape[0])}
+    assert got[True].keys() == got[False].keys()
+    for k, clip in got[True].items():
+        assert long_numbers(clip) == long_numbers(got[False][k])
+        assert float((clip - got[False][k]).abs().mean()) < 0.5, k
+    _, out = gpu_batches(long_h264, train=False, batch_size=4, num_clips=4, view_cut="cover")
+    check_long_windows(out, long_h264, train=False, num_clips=4)
 
 
 def test_bf16_train_steps_on_dali(h264_shards, tmp_path):

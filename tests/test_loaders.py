@@ -486,3 +486,106 @@ def test_synthetic_contract():
     for b in out:
         assert set(b) == KEYS and torch.equal(b["slow"], b["fast"][:, :, ::2])
     assert sorted(i for b in out for i in b["index"].tolist()) == list(range(10))
+
+
+# --------------------------------------------------------------------------- window cuts
+
+
+def long_numbers(clip: torch.Tensor) -> list[int]:
+    """[3, T, H, W] 0..255 of a long-coded video -> the number coded in each frame."""
+    return [media.read_long_frame_number(clip[:, t].numpy()) for t in range(clip.shape[1])]
+
+
+def check_long_windows(out, path: Path, train: bool, num_clips: int = 1) -> dict:
+    """Every clip shows exactly its frame_ids; windows are the contract's (a
+    valid start, stride tau/alpha; evaluation: the num_clips evenly spaced
+    windows; a video shorter than the window looped from 0). Returns
+    index -> the window starts seen."""
+    spec = ClipSpec()
+    frames = {json.loads(m)["index"]: json.loads(m)["num_frames"] for m in _jsons(path)}
+    starts = {}
+    for b in out:
+        assert torch.equal(b["slow"], b["fast"][:, :, ::2])
+        for i, idx in enumerate(b["index"].tolist()):
+            ids = b["frame_ids"][i].tolist()
+            assert long_numbers(b["fast"][i]) == ids, (idx, ids)
+            n = frames[idx]
+            assert ids == spec.frame_ids(ids[0], n).tolist()
+            if n < spec.window:
+                assert ids[0] == 0  # looped
+            elif not train:
+                assert ids[0] in spec.starts(n, False, num_clips=num_clips)
+            starts.setdefault(idx, set()).add(ids[0])
+    return starts
+
+
+@pytest.mark.parametrize("backend", ["dali", "pyav"])
+def test_windows_anywhere_in_long_videos_decode_exactly(long_vp9, backend):
+    """Training windows over several epochs (many far from frame 0), the
+    centre windows and 5 evaluation views of 610- and 700-frame videos, and
+    a 40-frame video looped: each decoded from the member cut to its
+    window's fragments, each frame the one its frame id names."""
+    seen = {}
+    for epoch in range(4):
+        loader = build_loader(str(long_vp9), backend=backend, batch_size=3, device="cpu", crop_size=48,
+                              normalize=False, num_workers=1 if backend == "dali" else 0, seed=epoch)
+        assert loader.window_cut
+        loader.set_epoch(epoch)
+        for idx, s in check_long_windows(list(loader), long_vp9, train=True).items():
+            seen.setdefault(idx, set()).update(s)
+    assert max(max(s) for s in seen.values()) > 300 and len(seen) == 3
+    _, out = batches(long_vp9, backend, train=False, batch_size=3)
+    assert sum(b["fast"].shape[0] for b in out) == 3
+    check_long_windows(out, long_vp9, train=False)
+    _, out = batches(long_vp9, backend, train=False, batch_size=5, num_clips=5)
+    views = check_long_windows(out, long_vp9, train=False, num_clips=5)
+    assert sorted(len(v) for v in views.values()) == [1, 5, 5]  # the looped video: 5 views of one window
+
+
+def test_dali_cut_decodes_the_same_pixels_as_the_whole_member(long_vp9):
+    got = {}
+    for cut in (True, False):
+        _, out = batches(long_vp9, "dali", train=False, batch_size=3, num_clips=2, window_cut=cut)
+        got[cut] = sorted((b["index"][i].item(), b["view"][i].item(), b["fast"][i]) for b in out
+                          for i in range(b["fast"].shape[0]))
+    assert [k[:2] for k in got[True]] == [k[:2] for k in got[False]]
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(got[True], got[False]))
+
+
+@pytest.mark.parametrize("view_cut", ["each", "cover"])
+def test_dali_view_cuts_and_independent_crops(long_vp9, view_cut):
+    _, out = batches(long_vp9, "dali", train=False, batch_size=4, num_clips=4, view_cut=view_cut)
+    check_long_windows(out, long_vp9, train=False, num_clips=4)
+    _, out = batches(long_vp9, "dali", batch_size=3, independent_crops=True)
+    for b in out:
+        for i in range(3):
+            assert long_numbers(b["slow"][i]) == b["frame_ids"][i, ::2].tolist()
+    with pytest.raises(ValueError, match="view_cut"):
+        build_loader(str(long_vp9), backend="dali", batch_size=1, device="cpu", view_cut="some")
+
+
+@pytest.mark.parametrize("backend", ["dali", "pyav"])
+def test_shards_packed_before_fragment_tables_still_load(old_long_vp9, backend):
+    """Old shards (plain WebM members, no KEY.frag_*) decode whole members:
+    the same exact frames; the dali backend warns once with the remedy."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = build_loader(str(old_long_vp9), backend=backend, batch_size=3, device="cpu", crop_size=48,
+                              normalize=False, num_workers=1 if backend == "dali" else 0, train=False)
+        out = list(loader)
+    check_long_windows(out, old_long_vp9, train=False)
+    remedy = [w for w in caught if "Re-pack" in str(w.message)]
+    assert len(remedy) == (1 if backend == "dali" else 0)
+    if backend == "dali":
+        assert loader.window_cut is False
+        with pytest.raises(ValueError, match="no fragment tables"):
+            build_loader(str(old_long_vp9), backend="dali", batch_size=1, device="cpu", window_cut=True)
+
+
+def test_dali_refuses_a_mix_of_old_and_new_shards(long_vp9, old_long_vp9, tmp_path):
+    for name, src in (("train-000000", long_vp9), ("train-000001", old_long_vp9)):
+        for ext in (".tar", ".idx"):
+            shutil.copy(src / ("train-000000" + ext), tmp_path / (name + ext))
+    with pytest.raises(ValueError, match=r"train-000000.tar carries fragment tables.*train-000001.tar does not"):
+        build_loader(str(tmp_path), backend="dali", batch_size=1, device="cpu")
+    assert len(build_loader(str(tmp_path), backend="pyav", batch_size=1, device="cpu")) == 6  # per sample
