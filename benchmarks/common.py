@@ -43,6 +43,42 @@ def replicate(videos: Path, dest: Path, copies: int) -> list[Path]:
     return sorted(dest.iterdir())
 
 
+def lengthened(videos: Path, dest: Path, frames: int, short_side: int = 256, first: int | None = None) -> list[Path]:
+    """Every video in ``videos`` played forwards and backwards (no jump at the
+    turn) until it is ``frames`` frames long, at ``short_side``, as
+    ``dest/<name>_<frames>.mp4`` (H.264, crf 16): Kinetics-length (300 frames)
+    or longer videos made from the real ones (``first``: only the first so
+    many). Made once; returns them sorted."""
+    import av
+    from shard_tools.transcode import output_size
+    dest.mkdir(parents=True, exist_ok=True)
+    made = []
+    for src in video_files(videos)[:first]:
+        path = dest / f"{src.name.replace('.', '_')}_{frames}.mp4"
+        made.append(path)
+        if path.exists():
+            continue
+        with av.open(str(src)) as c:
+            s = c.streams.video[0]
+            w, h = output_size(s.codec_context.width, s.codec_context.height, short_side)
+            seq = [f.reformat(width=w, height=h, format="yuv420p").to_ndarray() for f in c.decode(s)]
+        cycle = seq + seq[-2:0:-1] if len(seq) > 2 else seq
+        tmp = path.with_suffix(".tmp.mp4")
+        with av.open(str(tmp), "w") as out:
+            st = out.add_stream("libx264", rate=30)
+            st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+            st.options = {"crf": "16", "preset": "ultrafast"}
+            for i in range(frames):
+                frame = av.VideoFrame.from_ndarray(cycle[i % len(cycle)], format="yuv420p")
+                frame.pts = i
+                for packet in st.encode(frame):
+                    out.mux(packet)
+            for packet in st.encode():
+                out.mux(packet)
+        os.replace(tmp, path)
+    return sorted(made)
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:

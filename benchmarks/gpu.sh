@@ -1,30 +1,46 @@
 #!/usr/bin/env bash
-# The GPU run behind benchmarks/results/<gpu>/, one script for a (rented, timed)
-# GPU machine: the GPU tests (DALI "mixed" decode of H.264 shards, the bf16 train
-# step), then the loss, e2e, loader and step suites on cuda. Each stage has a
-# time limit and its own log; a failed stage is reported and the next one runs.
+# The GPU run behind benchmarks/results/<gpu>/: one script for a lent, timed GPU
+# machine (15 device-minutes a lease, its start and the wheel transfers included:
+# one call of about 6 minutes, no rerun). Stages in priority order, each with a time
+# limit and its own log; a failed or cut stage is reported and the next one runs.
+# The suites rewrite their JSON after every measurement, so a stage cut short by its
+# limit still leaves what it measured (settings.complete: false).
 #
 #   bash benchmarks/gpu.sh RESULTS_DIR VIDEOS_DIR [STAGES]
 #
-# STAGES (default "tests shards loss e2e loader step") picks stages, e.g. to
-# split the run over two calls of a time-limited machine (e2e and loader need
-# shards). Worst cases: tests 100 s, shards 60, loss 45, e2e 240, loader 170,
-# step 260. The suites rewrite their JSON after every measurement, so a stage cut
-# short by its limit still leaves what it measured (settings.complete: false).
-# VIDEOS_DIR: the original videos (../shared/data/videos); they are replicated
-# 32 times and packed once (H.264, short side 256, GOP 16) for e2e and loader.
-# RESULTS_DIR gets <suite>.json/.png, <stage>.log and stages.txt; RESULTS_DIR.tar
-# is rewritten after every stage (for machines that return only a few files).
+# Default STAGES, in priority order, with their limits (400 s in all):
+#   shards  60 s  the real videos played to 300 frames (Kinetics-length), x32, packed
+#                 as H.264 (fragmented MP4, window-cut tables): 160 members
+#   decode 130 s  DALI mixed (NVDEC) decode-only and full graph on them, cut to the
+#                 window vs the whole member, num_threads 4/8/16, GPU and decoder
+#                 utilisation sampled during each (nvidia-smi -q -d UTILIZATION);
+#                 PyNvVideoCodec decode-only on the same members (skipped with a note
+#                 where it does not import); the window's position on a 1200-frame member
+#   e2e    130 s  R18/R50 bf16 + channels_last_3d steps fed by DALI, by PyAV workers
+#                 (16 cores and 8), R18 compiled fed by DALI, against synthetic input;
+#                 the Kinetics-400 hours on 8 GPUs
+#   tests   80 s  pytest -m gpu (tests/test_gpu.py: NVDEC decode of cut H.264 members)
+# Optional stages (name them in STAGES): step 200 s (fp32 / fp32_strict / bf16 /
+# channels_last_3d / compile), loader 150 s (every loader side by side), loss 45 s.
+#
+# VIDEOS_DIR: the original videos (../shared/data/videos does not travel: copy it into an
+# ignored folder of the carried tree).
+# RESULTS_DIR gets <suite>.json/.png, <stage>.log, stages.txt and machine.txt;
+# RESULTS_DIR.tar is rewritten after every stage (for machines that return few files).
+# The machine needs DALI (../shared/tools/device_wheels.md: in parts, installed into
+# .site with PYTHONPATH set) and, for the NVDEC reference, pynvvideocodec (27 MB:
+# `pip download --no-deps --python-version 3.12 --only-binary=:all: pynvvideocodec==2.2.4`,
+# carried and installed into .site the same way).
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu.sh RESULTS_DIR VIDEOS_DIR}
-videos=${2:?usage: benchmarks/gpu.sh RESULTS_DIR VIDEOS_DIR}
+out=${1:?usage: benchmarks/gpu.sh RESULTS_DIR VIDEOS_DIR [STAGES]}
+videos=${2:?usage: benchmarks/gpu.sh RESULTS_DIR VIDEOS_DIR [STAGES]}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-stages=" ${3:-tests shards loss e2e loader step} "
+stages=" ${3:-shards decode e2e tests} "
 stage() {  # stage NAME SECONDS CMD...: run CMD with a time limit, log to $out/NAME.log
   local name=$1 limit=$2 t=$SECONDS rc
   shift 2
@@ -36,19 +52,23 @@ stage() {  # stage NAME SECONDS CMD...: run CMD with a time limit, log to $out/N
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  nproc
   $py -c "import torch, nvidia.dali, av; print('torch', torch.__version__, 'dali', nvidia.dali.__version__, 'av', av.__version__)"
+  $py -c "import PyNvVideoCodec as n; print('PyNvVideoCodec', n.__version__)" || true
 } >"$out/machine.txt" 2>&1
 
-stage tests 100 env VTHCL_TEST_VIDEOS="$videos" $py -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py
 stage shards 60 $py -c "
 import sys
 from pathlib import Path
-from benchmarks.common import replicate
+from benchmarks.common import lengthened, replicate
 from shard_tools.make_shards import main
-replicate(Path('$videos'), Path('$work/src'), 32)
+src = lengthened(Path('$videos'), Path('$work/kinetics_300'), 300)
+replicate(src[0].parent, Path('$work/src'), 32)
 sys.exit(main(['$work/src', '$work/shards', '--quiet', '--samples-per-shard', '32']))"
+stage decode 130 $py -m benchmarks.run --suite decode --device cuda --videos "$videos" --shards "$work/shards" --out "$out"
+stage e2e 130 $py -m benchmarks.run --suite e2e --device cuda --shards "$work/shards" --out "$out"
+stage tests 80 env VTHCL_TEST_VIDEOS="$videos" $py -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py
+stage step 200 $py -m benchmarks.run --suite step --device cuda --out "$out"  # torch.compile takes a while
+stage loader 150 $py -m benchmarks.run --suite loader --device cuda --videos "$videos" --shards "$work/shards" --out "$out"
 stage loss 45 $py -m benchmarks.run --suite loss --device cuda --out "$out"
-stage e2e 240 $py -m benchmarks.run --suite e2e --device cuda --shards "$work/shards" --out "$out"
-stage loader 170 $py -m benchmarks.run --suite loader --device cuda --videos "$videos" --shards "$work/shards" --out "$out"
-stage step 260 $py -m benchmarks.run --suite step --device cuda --out "$out"  # last: torch.compile takes a while
 cat "$out/stages.txt"

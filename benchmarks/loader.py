@@ -8,6 +8,15 @@ converted by make_ffcv (JPEG q90); its .beton size against the tars is in
 the settings. ``pyav_workers_only`` counts the pyav workers' uint8 clips
 before the main process batches them (on a CPU device it makes the float
 batch on the same cores; on cuda that happens on the GPU).
+
+Window cuts: the real videos played forwards and backwards to 80 frames
+(short), 300 (Kinetics-length) and 1200 (long), packed (VP9 on a CPU, for
+DALI's CPU decoder; H.264 on cuda), and DALI run on them cut to the window's
+fragments (its default) and on the whole member (``window_cut=False``: the
+graph before fragment tables, which decodes from frame 0) side by side:
+``dali_long_over_short`` (goal 0.8: a window costs the same wherever it
+lies), ``dali_cut_over_whole_kinetics``, the evaluation views cut one by one
+against one cut covering them (``view_cut``), and pyav cut against its seek.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import numpy as np
 import torch
 
 from benchmarks import references
-from benchmarks.common import cores, ratio, repeat_rates, replicate, video_files, write_result
+from benchmarks.common import cores, lengthened, ratio, repeat_rates, replicate, video_files, write_result
 from loaders import build_loader
 from loaders.common import ClipSpec, resolve_shards
 
@@ -130,12 +139,12 @@ def _rate_dali_decode_only(make, epochs: int, max_seconds: float = float("inf"))
     return clips / (time.perf_counter() - t)
 
 
-def _pack(videos: Path, out: Path, codec: str, copies: int, *extra: str) -> Path:
+def _pack(videos: Path, out: Path, codec: str, copies: int, *extra: str, name: str = "src") -> Path:
     from shard_tools.make_shards import main as make_shards
-    src = out / "src"
+    src = out / name
     if not src.exists():
         replicate(videos, src, copies)
-    dest = out / "_".join([codec, *(e.strip("-") for e in extra)])
+    dest = out / "_".join([name, codec, *(e.strip("-") for e in extra)])
     rc = make_shards([str(src), str(dest), "--quiet", "--codec", codec, "--samples-per-shard", "16", *extra])
     if rc != 0:
         raise SystemExit(f"benchmarks loader: packing {videos} failed (exit {rc})")
@@ -160,6 +169,58 @@ def _beton(h264: str, out: Path, workers: int) -> tuple[str, dict, float]:
     sizes["beton_over_tars"] = round(sizes["beton_bytes"] / tars, 2)
     sizes["video_bytes_over_tars"] = round(sizes["beton_video_bytes"] / tars, 2)
     return str(beton), sizes, setup
+
+
+LENGTHS = {"short": 80, "kinetics": 300, "long": 1200}  # frames of the window-cut sets (a window: 64)
+
+
+def _window_cut_configs(videos: Path, tmp: Path, device: str, workers: int, common: dict, epochs: int,
+                        cap: float, copies: int) -> dict:
+    """DALI cut to the window vs the whole member on short, Kinetics-length and
+    long videos; evaluation views cut one by one vs one covering cut; pyav cut
+    vs seek. The same shards for each pair."""
+    codec = "h264" if device == "cuda" else "vp9"
+    sets = {}
+    for name, frames in LENGTHS.items():
+        src = lengthened(videos, tmp / f"lengthened_{frames}", frames)
+        sets[name] = str(_pack(src[0].parent, tmp, codec, copies, name=f"{name}_src"))
+
+    def rate(path: str, backend: str = "dali", decode_only: bool = False, **kw):
+        def make():
+            return build_loader(path, backend=backend, num_workers=workers, **{**common, **kw})
+        if decode_only:
+            return lambda: _rate_dali_decode_only(make, epochs, cap)
+        return lambda: _rate_loader(make, epochs, cap)
+
+    configs = {}
+    for name in ("short", "long", "kinetics"):
+        configs[f"dali_cut_{name}"] = rate(sets[name])
+        configs[f"dali_whole_{name}"] = rate(sets[name], window_cut=False)
+    for cut in (True, False):
+        configs[f"dali_decode_only_{'cut' if cut else 'whole'}_kinetics"] = rate(sets["kinetics"], decode_only=True,
+                                                                               window_cut=cut)
+    evaluation = dict(train=False, num_clips=10)
+    for view_cut in ("each", "cover"):
+        configs[f"dali_eval_10_views_{view_cut}_kinetics"] = rate(sets["kinetics"], view_cut=view_cut, **evaluation)
+    for name in ("kinetics", "long"):
+        configs[f"pyav_cut_{name}"] = rate(sets[name], "pyav")
+        configs[f"pyav_seek_{name}"] = rate(sets[name], "pyav", window_cut=False)
+    return configs
+
+
+def _window_cut_ratios(results: dict) -> dict:
+    return {
+        "dali_long_over_short": ratio(results, "dali_cut_long", "dali_cut_short"),
+        "dali_whole_long_over_short": ratio(results, "dali_whole_long", "dali_whole_short"),
+        "dali_cut_over_whole_kinetics": ratio(results, "dali_cut_kinetics", "dali_whole_kinetics"),
+        "dali_cut_over_whole_long": ratio(results, "dali_cut_long", "dali_whole_long"),
+        "dali_decode_only_cut_over_whole_kinetics": ratio(results, "dali_decode_only_cut_kinetics",
+                                                          "dali_decode_only_whole_kinetics"),
+        "dali_views_each_over_cover_kinetics": ratio(results, "dali_eval_10_views_each_kinetics",
+                                                     "dali_eval_10_views_cover_kinetics"),
+        "pyav_cut_over_seek_kinetics": ratio(results, "pyav_cut_kinetics", "pyav_seek_kinetics"),
+        "pyav_cut_over_seek_long": ratio(results, "pyav_cut_long", "pyav_seek_long"),
+    }
 
 
 def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str | None = None,
@@ -215,6 +276,7 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
         if device == "cuda":  # the same videos without B-frames: DALI copies out-of-order frames one by one
             configs["dali_mixed_h264_no_bframes"] = dali_rate(str(_pack(videos, tmp, "h264", copies,
                                                                         "--bframes", "0")))
+        configs.update(_window_cut_configs(videos, tmp, device, workers, common, epochs, cap, max(1, copies // 2)))
     except ImportError:
         notes.append("nvidia-dali is not installed: no dali figure")
     ffcv_sizes = None
@@ -229,8 +291,10 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
     settings = {"videos": str(videos), "copies": copies, "clips_per_epoch": len(shard_items), "epochs": epochs,
                 "repeats": repeats, "max_seconds": cap, "workers": workers, "batch_size": batch, "crop": CROP,
                 "tau": 8, "alpha": 2, "slow_frames": 8, "device": device, "ffcv_sizes": ffcv_sizes,
+                "window_cut_lengths": LENGTHS, "window_cut_copies": max(1, copies // 2),
                 "goals": {"pyav_over_slowfast_style": 4, "pyav_over_slowfast_style_same_shards": 1.5,
-                          "pyav_over_codec_limit": 0.8, "pyav_over_decord": 1.0}}
+                          "pyav_over_codec_limit": 0.8, "pyav_over_decord": 1.0,
+                          "dali_long_over_short": {"cpu": 0.8}}}
 
     def report(results: dict, rounds: int, final: bool = False) -> Path:
         """The JSON of what is measured so far (``rounds``: complete rounds), after every measurement,
@@ -253,6 +317,8 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
             ratios["dali_over_dali_decode_only"] = ratio(results, dali, dali.replace("dali", "dali_decode_only", 1))
         if "dali_mixed_h264_no_bframes" in configs:
             ratios["dali_no_bframes_over_dali"] = ratio(results, "dali_mixed_h264_no_bframes", dali)
+        if "dali_cut_long" in configs:
+            ratios.update(_window_cut_ratios(results))
         if "ffcv" in configs:
             ratios["ffcv_over_pyav"] = ratio(results, "ffcv", "pyav")
             ratios["ffcv_beton_over_tars"] = ffcv_sizes["beton_over_tars"]

@@ -9,14 +9,17 @@ import json
 import sys
 from pathlib import Path
 
-SUITES = ["loader", "step", "e2e", "loss", "shards"]
-NEEDS = {"loader": ["videos"], "e2e": ["shards"], "shards": ["videos"]}
+SUITES = ["loader", "decode", "step", "e2e", "loss", "shards"]
+NEEDS = {"loader": ["videos"], "decode": ["videos"], "e2e": ["shards"], "shards": ["videos"]}
 
 
 def run_suite(suite: str, args, out: Path) -> Path:
     if suite == "loader":
         from benchmarks import loader
         return loader.run(Path(args.videos), out, args.quick, args.device, args.shards, args.workers)
+    if suite == "decode":
+        from benchmarks import decode
+        return decode.run(Path(args.videos), out, args.quick, args.device, args.shards, args.workers)
     if suite == "step":
         from benchmarks import step
         return step.run(out, args.quick, args.device)

@@ -117,3 +117,71 @@ def test_repeat_rates_reports_after_every_measurement(tmp_path):
     doc = json.loads((tmp_path / "t.json").read_text())
     assert doc["settings"]["rounds_done"] == 2 and doc["results"]["b"]["median"] == 3.0
     assert not (tmp_path / "t.png").exists()  # interim writes leave the plot to the final one
+
+
+NVIDIA_SMI_UTILIZATION = """
+==============NVSMI LOG==============
+
+Timestamp                                 : Tue Dec  1 12:00:00 2026
+Driver Version                            : 580.159.04
+CUDA Version                              : 13.0
+
+Attached GPUs                             : 1
+GPU 00000000:18:00.0
+    Utilization
+        Gpu                               : 37 %
+        Memory                            : 5 %
+        Encoder                           : 0 %
+        Decoder                           : 91 %
+        JPEG                              : 0 %
+        OFA                               : 0 %
+    GPU Utilization Samples
+        Duration                          : 16.63 sec
+        Number of Samples                 : 99
+        Max                               : 64 %
+        Min                               : 0 %
+        Avg                               : 12 %
+    DEC Utilization Samples
+        Duration                          : 16.63 sec
+        Number of Samples                 : 99
+        Max                               : 100 %
+        Min                               : 0 %
+        Avg                               : 50 %
+"""
+
+
+def test_utilization_is_read_from_nvidia_smi(tmp_path):
+    """The decode suite's sampler reads the instantaneous GPU and NVDEC
+    percentages of ``nvidia-smi -q -d UTILIZATION`` (not its sample
+    statistics), in a thread while a measurement runs."""
+    from benchmarks.decode import Utilization, parse_utilization
+    assert parse_utilization(NVIDIA_SMI_UTILIZATION) == {"gpu": 37, "memory": 5, "encoder": 0, "decoder": 91,
+                                                         "jpeg": 0, "ofa": 0}
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{NVIDIA_SMI_UTILIZATION}EOF\n")
+    fake.chmod(0o755)
+    with Utilization(interval=0.05, command=(str(fake), "-q")) as util:
+        import time
+        time.sleep(0.4)
+    summary = util.summary()
+    assert summary["samples"] >= 2 and summary["decoder"] == {"median": 91, "max": 91}
+    with Utilization(command=(str(tmp_path / "absent"),)) as none:
+        pass
+    assert none.summary() is None
+
+
+def test_decode_suite_quick_on_cpu(videos, tmp_path):
+    """On a CPU the suite measures DALI's CPU decoder on VP9: decode-only and
+    the full graph, cut and whole, per thread count, and the window's
+    position (the figures themselves are the suite's, not this test's)."""
+    pytest.importorskip("nvidia.dali")
+    from benchmarks import decode
+    doc = json.loads(decode.run(videos, tmp_path, quick=True, workers=1).read_text())
+    assert doc["settings"]["complete"] and doc["settings"]["threads"] == [1]
+    for what in ("decode_only", "full"):
+        for mode in ("cut", "whole"):
+            assert doc["results"][f"dali_{what}_{mode}_t1"]["median"] > 0
+    assert {f"position_{m}_at_{s:04d}" for m in ("cut", "whole") for s in decode.POSITIONS} <= set(doc["results"])
+    assert doc["settings"]["position_member_frames"] == 1200
+    assert all(doc["ratios"][f"position_{m}_last_over_first"] > 0 for m in ("cut", "whole"))
+    assert any("PyNvVideoCodec" in n for n in doc["notes"])
