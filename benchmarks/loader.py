@@ -276,7 +276,9 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
         if device == "cuda":  # the same videos without B-frames: DALI copies out-of-order frames one by one
             configs["dali_mixed_h264_no_bframes"] = dali_rate(str(_pack(videos, tmp, "h264", copies,
                                                                         "--bframes", "0")))
-        configs.update(_window_cut_configs(videos, tmp, device, workers, common, epochs, cap, max(1, copies // 2)))
+        # (each stopped after the batch that passes 30 s on a CPU: whole members of long videos decode slowly)
+        configs.update(_window_cut_configs(videos, tmp, device, workers, common, epochs, min(cap, 30.0),
+                                           max(1, copies // 2)))
     except ImportError:
         notes.append("nvidia-dali is not installed: no dali figure")
     ffcv_sizes = None
