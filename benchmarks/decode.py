@@ -123,11 +123,12 @@ def _long_member(shards: str) -> tuple[bytes, Fragments, int]:
     return s["mp4"], Fragments.from_members(*(s[m] for m in FRAGMENT_MEMBERS)), int(json.loads(s["json"])["num_frames"])
 
 
-def _position_rate(data: bytes, frags: Fragments, start: int, n: int, cut: bool, device: str, threads: int,
-                   runs: int) -> float:
+def _position_rates(data: bytes, frags: Fragments, start: int, n: int, cut: bool, device: str, threads: int,
+                    runs: int, blocks: int = 3) -> list[float]:
     """Clips/s decoding the window at ``start`` (16 frames, stride 4) of one
     member, a batch of ``threads`` copies (one per thread), with the dali
-    backend's cut (``loaders.dali.cut_to_window``) or the whole member."""
+    backend's cut (``loaders.dali.cut_to_window``) or the whole member: one
+    rate per block of ``runs`` batches, ``blocks`` blocks on one pipeline."""
     from nvidia.dali import fn, pipeline_def, types
     from loaders.dali import cut_to_window
     spec = ClipSpec()
@@ -152,10 +153,13 @@ def _position_rate(data: bytes, frags: Fragments, start: int, n: int, cut: bool,
     pipe = graph()
     pipe.build()
     pipe.run()  # warm-up: threads, decoders
-    t = time.perf_counter()
-    for _ in range(runs):
-        pipe.run()
-    return batch * runs / (time.perf_counter() - t)
+    rates = []
+    for _ in range(blocks):
+        t = time.perf_counter()
+        for _ in range(runs):
+            pipe.run()
+        rates.append(batch * runs / (time.perf_counter() - t))
+    return rates
 
 
 # --------------------------------------------------------------------------- PyNvVideoCodec
@@ -216,11 +220,12 @@ def run(videos: Path | None, out: Path, quick: bool, device: str = "cpu", shards
     copies = 1 if quick else (32 if gpu else 4)
     cap = 5.0 if gpu else (3.0 if quick else 30.0)
     epochs = 1 if quick else 2
-    runs = 2 if quick or not gpu else 4
+    runs = 2 if quick else 8  # batches per timed block of the position measurement (3 blocks)
     codec = "h264" if gpu else "vp9"
     tmp = Path(tempfile.mkdtemp(prefix="bench_decode_"))
     notes = []
     try:
+        given = shards
         if shards is None:
             if videos is None:
                 raise SystemExit("benchmarks decode: give --videos (to pack Kinetics-length shards) or --shards")
@@ -230,9 +235,11 @@ def run(videos: Path | None, out: Path, quick: bool, device: str = "cpu", shards
         if videos is not None:
             long_src = lengthened(videos, tmp / "lengthened_1200", 1200, first=1)
             long_shards = str(_pack(long_src[0].parent, tmp, codec, 1, name="long"))
-        settings = {"device": device, "shards": shards, "codec": codec, "threads": list(threads),
+        packed = f"{videos} played to 300 frames, x{copies}, {codec}"
+        settings = {"device": device, "videos": str(videos), "shards": given or packed, "codec": codec,
+                    "threads": list(threads),
                     "batch_size": batch, "max_seconds": cap, "epochs": epochs, "copies": copies,
-                    "positions": list(POSITIONS), "position_runs": runs, "repeats": 1}
+                    "positions": list(POSITIONS), "position_runs": runs, "position_blocks": 3, "repeats": 1}
         results: dict[str, dict] = {}
 
         def report(final: bool = False) -> Path:
@@ -253,11 +260,14 @@ def run(videos: Path | None, out: Path, quick: bool, device: str = "cpu", shards
                                 notes, plot_png=final)
 
         def measure(name: str, fn) -> None:
-            """One measurement with the utilisation sampled; the JSON rewritten after it."""
+            """One measurement (a rate, or a list of them) with the utilisation sampled; the JSON
+            rewritten after it."""
             try:
                 with Utilization() as util:
-                    rate = fn()
-                results[name] = summarize([rate])
+                    rates = fn()
+                rates = rates if isinstance(rates, list) else [rates]
+                rate = summarize(rates)["median"]
+                results[name] = summarize(rates)
                 if util.summary():
                     results[name]["utilization"] = util.summary()
                 progress(f"{name}: {rate:.4g} {json.dumps(util.summary()) if util.summary() else ''}")
@@ -290,7 +300,7 @@ def run(videos: Path | None, out: Path, quick: bool, device: str = "cpu", shards
             for start in POSITIONS:
                 for cut in (True, False):
                     measure(f"position_{'cut' if cut else 'whole'}_at_{start:04d}",
-                            lambda s=start, c=cut: _position_rate(data, frags, s, n, c, device, max(threads), runs))
+                            lambda s=start, c=cut: _position_rates(data, frags, s, n, c, device, max(threads), runs))
         else:
             notes.append("no --videos: no position measurement (it packs a 1200-frame video from them)")
         return report(final=True)
