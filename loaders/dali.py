@@ -148,7 +148,7 @@ class DALILoader:
         if window_cut and not tables:
             raise ValueError(f"dali backend: window_cut=True, but {shards.tars[0]} has no fragment tables "
                              "(packed before make_shards wrote them): re-pack it with make_shards")
-        if not tables:
+        if not tables and window_cut is None:
             warnings.warn(
                 f"dali loader: {os.path.dirname(shards.tars[0]) or '.'} was packed before make_shards wrote "
                 "fragment tables: every clip decodes its member from frame 0, so it costs more the later its "
