@@ -43,9 +43,11 @@ def replicate(videos: Path, dest: Path, copies: int) -> list[Path]:
     return sorted(dest.iterdir())
 
 
-def lengthened(videos: Path, dest: Path, frames: int, short_side: int = 256, first: int | None = None) -> list[Path]:
+def lengthened(videos: Path, dest: Path, frames: int, short_side: int = 256, first: int | None = None,
+               size: tuple[int, int] | None = None) -> list[Path]:
     """Every video in ``videos`` played forwards and backwards (no jump at the
-    turn) until it is ``frames`` frames long, at ``short_side``, as
+    turn) until it is ``frames`` frames long, at ``short_side`` (or scaled to
+    exactly ``size`` = (width, height), aspect not kept), as
     ``dest/<name>_<frames>.mp4`` (H.264, crf 16): Kinetics-length (300 frames)
     or longer videos made from the real ones (``first``: only the first so
     many). Made once; returns them sorted."""
@@ -60,7 +62,7 @@ def lengthened(videos: Path, dest: Path, frames: int, short_side: int = 256, fir
             continue
         with av.open(str(src)) as c:
             s = c.streams.video[0]
-            w, h = output_size(s.codec_context.width, s.codec_context.height, short_side)
+            w, h = size or output_size(s.codec_context.width, s.codec_context.height, short_side)
             seq = [f.reformat(width=w, height=h, format="yuv420p").to_ndarray() for f in c.decode(s)]
         cycle = seq + seq[-2:0:-1] if len(seq) > 2 else seq
         tmp = path.with_suffix(".tmp.mp4")

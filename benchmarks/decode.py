@@ -10,6 +10,10 @@ that passes ``max_seconds``, and the JSON is rewritten after each):
   ``num_threads`` 4, 8 and 16 on cuda (1 and 2 on a CPU). During each, the
   GPU's and the video decoder's (NVDEC) utilisation are sampled with
   ``nvidia-smi -q -d UTILIZATION`` (median and max; none without nvidia-smi).
+* One size for all: the same videos scaled to one frame size (340x256)
+  against their own sizes (340, 342 and 456 wide at short side 256), DALI
+  decode-only, cut, at the most threads: DALI reuses an NVDEC decoder only
+  for an identical coded size, and Kinetics has many widths.
 * A reference for what NVDEC gives from the same bytes: NVIDIA's
   PyNvVideoCodec (``SimpleDecoder.get_batch_frames_by_index``) decoding the
   same windows' frames of the same members, cut and whole, from threads
@@ -231,8 +235,10 @@ def run(videos: Path | None, out: Path, quick: bool, device: str = "cpu", shards
                 raise SystemExit("benchmarks decode: give --videos (to pack Kinetics-length shards) or --shards")
             src = lengthened(videos, tmp / "lengthened_300", 300)
             shards = str(_pack(src[0].parent, tmp, codec, copies, name="kinetics"))
-        long_shards = None
+        long_shards = uniform_shards = None
         if videos is not None:
+            uniform = lengthened(videos, tmp / "uniform_300", 300, size=(340, 256))
+            uniform_shards = str(_pack(uniform[0].parent, tmp, codec, max(1, copies // 4), name="uniform"))
             long_src = lengthened(videos, tmp / "lengthened_1200", 1200, first=1)
             long_shards = str(_pack(long_src[0].parent, tmp, codec, 1, name="long"))
         packed = f"{videos} played to 300 frames, x{copies}, {codec}"
@@ -254,6 +260,8 @@ def run(videos: Path | None, out: Path, quick: bool, device: str = "cpu", shards
                 ratios[f"position_{mode}_last_over_first"] = ratio(
                     results, f"position_{mode}_at_{POSITIONS[-1]:04d}", f"position_{mode}_at_{POSITIONS[0]:04d}")
             best = max(threads)
+            ratios[f"dali_decode_only_one_size_over_own_sizes_t{best}"] = ratio(
+                results, f"dali_decode_only_cut_one_size_t{best}", f"dali_decode_only_cut_t{best}")
             ratios["dali_decode_only_cut_over_pynvc_cut"] = ratio(results, f"dali_decode_only_cut_t{best}",
                                                                   f"pynvc_cut_t{best}")
             return write_result(out, "decode", dict(settings, complete=final), results, ratios, "clips/s",
@@ -284,6 +292,11 @@ def run(videos: Path | None, out: Path, quick: bool, device: str = "cpu", shards
                     rate = (lambda m=make: _rate_dali_decode_only(m, epochs, cap)) if what == "decode_only" \
                         else (lambda m=make: _rate_loader(m, epochs, cap))
                     measure(f"dali_{what}_{'cut' if cut else 'whole'}_t{t}", rate)
+        if uniform_shards is not None:
+            def one_size():
+                return build_loader(uniform_shards, backend="dali", num_workers=max(threads), **common)
+            measure(f"dali_decode_only_cut_one_size_t{max(threads)}",
+                    lambda: _rate_dali_decode_only(one_size, epochs, cap))
         if gpu:
             try:
                 import PyNvVideoCodec  # noqa: F401
