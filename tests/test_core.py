@@ -240,7 +240,7 @@ def test_three_steps_on_real_video_shards_and_exact_resume(backend, shards, requ
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in resumed[3:]] == [m["loss"] for m in straight[3:]]
     assert [m["epoch"] for m in straight] == [0, 0, 0, 1, 1, 1]  # 5 videos, batch 2: 3 steps an epoch
-    ck = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    ck = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert ck["step"] == 6 and ck["bank"]["banks"].shape == (3, 2, 5, 128)
     slow = torch.load(tmp_path / "b" / "slow_encoder.pt")
     from vthcl.model import Pathway
@@ -294,20 +294,98 @@ def test_missing_or_empty_dataset_is_a_clear_error(tmp_path):
         main(["--out", str(tmp_path / "o"), "--data", str(tmp_path / "m" / "manifest.json"), "--no-progress"])
 
 
-def test_torchrun_two_ranks_gloo(tmp_path):
-    """The same command under torchrun: 2 CPU processes, gloo, global batch split."""
+def _torchrun(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """vthcl.train under torchrun: 2 CPU processes, gloo; its stderr and metrics."""
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}",
-           "-m", "vthcl.train", "--backend", "synthetic", "--num-videos", "12", "--batch-size", "4",
-           "--crop-size", "16", "--width", "8", "--max-steps", "3", "--num-negatives", "5", "--no-progress",
-           "--no-tensorboard", "--device", "cpu", "--out", str(tmp_path)]
+           f"--master_port={port}", "-m", "vthcl.train", "--backend", "synthetic", "--num-videos", "12",
+           "--batch-size", "4", "--crop-size", "16", "--width", "8", "--num-negatives", "5", "--no-progress",
+           "--no-tensorboard", "--device", "cpu", "--out", str(out), *args]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    return r, [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def test_torchrun_two_ranks_gloo(tmp_path):
+    """The same command under torchrun: 2 CPU processes, gloo, global batch split."""
+    r, metrics = _torchrun(tmp_path, "--max-steps", "3")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert "2 rank(s) x batch 2" in r.stderr
+
+
+def test_sharded_banks_resume_exactly_on_two_ranks(tmp_path):
+    """--shard-banks: each rank checkpoints its own bank rows and negative
+    generator (bank_rank{r}.pt) and resumes from them: stopped after 3 steps
+    and resumed to 6, the losses of steps 4-6 are those of a run straight to 6
+    (rank 0's loss scores the negatives both ranks drew)."""
+    _, straight = _torchrun(tmp_path / "a", "--shard-banks", "--max-steps", "6", "--epochs", "4")
+    _torchrun(tmp_path / "b", "--shard-banks", "--max-steps", "3", "--epochs", "4")
+    ranks = [torch.load(tmp_path / "b" / f"bank_rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [(k["rank"], k["world"], k["step"]) for k in ranks] == [(0, 2, 3), (1, 2, 3)]
+    assert not torch.equal(ranks[0]["bank"]["banks"], ranks[1]["bank"]["banks"])  # each its own rows
+    _, resumed = _torchrun(tmp_path / "b", "--shard-banks", "--max-steps", "6", "--epochs", "4", "--resume")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in resumed[3:]] == [m["loss"] for m in straight[3:]]
+
+
+class _Payload:
+    """Unpickling this runs a shell command (here: it touches a marker file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_carries_code_is_refused_and_never_runs(h264_shards, tmp_path):
+    """vthcl.train --resume, vthcl.eval and vthcl.icm load checkpoints as
+    tensors and plain values only: a last.pt with a pickled payload is
+    refused with an error naming the file, and its code never runs."""
+    from vthcl import eval as veval
+    from vthcl import icm
+    from vthcl.train import main as train
+    out = tmp_path / "run"
+    _train(out, "--data", str(h264_shards), *TRAIN, "--max-steps", "1")
+    ck = torch.load(out / "last.pt", weights_only=True)  # our own checkpoint needs nothing more
+    marker = tmp_path / "payload_ran"
+    ck["extra"] = _Payload(marker)
+    torch.save(ck, out / "last.pt")
+    runs = {
+        "vthcl.train": lambda: train(["--out", str(out), "--data", str(h264_shards), *TRAIN, "--max-steps", "2",
+                                      "--resume"]),
+        "vthcl.eval": lambda: veval.main(["knn", "--checkpoint", str(out / "last.pt"), "--train",
+                                          str(h264_shards), "--val", str(h264_shards), "--out", str(tmp_path / "e")]),
+        "vthcl.icm": lambda: icm.main(["--checkpoint", str(out / "last.pt"), "--score", "1",
+                                       "--out", str(tmp_path / "i")]),
+    }
+    for name, run in runs.items():
+        with pytest.raises(SystemExit, match=rf"{name}: error: .*last\.pt: refused.*posix\.system.*"
+                                             r"--trust-checkpoint"):
+            run()
+        assert not marker.exists(), f"{name} ran the payload"
+
+
+def test_checkpoints_written_before_are_loaded_only_when_trusted(h264_shards, tmp_path):
+    """A last.pt as vthcl.train wrote it before 2026-12-01 (NumPy's RNG state
+    as NumPy objects) is refused, and with --trust-checkpoint resumes exactly."""
+    import numpy as np
+    data = ["--data", str(h264_shards)]
+    straight = _train(tmp_path / "a", *data, *TRAIN, "--max-steps", "4")
+    _train(tmp_path / "b", *data, *TRAIN, "--max-steps", "2")
+    ck = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for state in ck["rng"]:  # the old layout: np.random.get_state()'s tuple
+        n = state["numpy"]
+        state["numpy"] = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                          n["cached_gaussian"])
+    torch.save(ck, tmp_path / "b" / "last.pt")
+    from vthcl.train import main as train
+    with pytest.raises(SystemExit, match="refused.*numpy"):
+        train(["--out", str(tmp_path / "b"), *data, *TRAIN, "--max-steps", "4", "--resume"])
+    with pytest.warns(RuntimeWarning, match="unpickled in full"):
+        resumed = _train(tmp_path / "b", *data, *TRAIN, "--max-steps", "4", "--resume", "--trust-checkpoint")
+    assert [m["loss"] for m in resumed[2:]] == [m["loss"] for m in straight[2:]]

@@ -157,7 +157,7 @@ def test_signal_preset_runs_on_a_tiny_setting(preset, tmp_path, monkeypatch):
         assert results[metric]["pretrained"] == pytest.approx(sum(per_seed) / 2)
     assert set(results["seeds"]) == {"0", "1"} and len(results["goals"]) == (6 if levels > 1 else 4)
     if levels > 1:
-        d1 = torch.load(tmp_path / "seed1_alpha2_levels1" / "last.pt", weights_only=False)["config"]
+        d1 = torch.load(tmp_path / "seed1_alpha2_levels1" / "last.pt", weights_only=True)["config"]
         assert d1["levels"] == 1 and d1["alpha"] == 2 and "levels2_at_least_levels1_knn" in results["goals"]
         assert "VTHCL alpha=2, D=1" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "report.md").exists() and (tmp_path / "loss.png").exists()
@@ -165,7 +165,7 @@ def test_signal_preset_runs_on_a_tiny_setting(preset, tmp_path, monkeypatch):
     assert set(icm["seeds"]) == {"0", "1"} and (tmp_path / "icm_res5.png").exists()
     assert icm["pretrained"]["res5"]["slow"] == pytest.approx(
         sum(s["pretrained"]["res5"]["slow"] for s in icm["seeds"].values()) / 2)
-    ck = torch.load(tmp_path / "seed0_alpha1" / "last.pt", weights_only=False)
+    ck = torch.load(tmp_path / "seed0_alpha1" / "last.pt", weights_only=True)
     assert ck["config"]["alpha"] == 1 and ck["config"]["input"] == "residual" and ck["config"]["positive"] == "bank"
     aug = preset == "signal-aug"
     assert ck["config"]["color_jitter"] == (0.4 if aug else 0.0) and bool(ck["config"]["independent_crops"]) == aug

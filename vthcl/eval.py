@@ -27,20 +27,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vthcl import checkpoint as ckpt
 from vthcl.model import Pathway, slow_encoder_features
 
 
 # ----------------------------------------------------------------------------- encoders
 def load_encoder(checkpoint: str | None, random_init: bool = False, arch: str | None = None,
-                 width: int | None = None, seed: int = 0) -> tuple[Pathway, dict]:
+                 width: int | None = None, seed: int = 0, trust: bool = False) -> tuple[Pathway, dict]:
     """The slow encoder of a vthcl.train checkpoint (last.pt, or slow_encoder.pt
-    with last.pt beside it or --arch/--width), or the same net untrained."""
+    with last.pt beside it or --arch/--width), or the same net untrained.
+    Checkpoints load as tensors and plain values only (see vthcl.checkpoint;
+    ``trust``: unpickle in full)."""
     cfg = {"arch": arch or "r18", "width": width or 64, "tau": 8, "alpha": 2, "slow_frames": 8, "crop_size": 224,
            "input": "rgb"}
     state = None
     if checkpoint:
         path = Path(checkpoint)
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = ckpt.load(path, trust=trust)
         if isinstance(ck, dict) and "config" in ck:
             cfg.update({k: ck["config"][k] for k in cfg if k in ck["config"]})
             state = {k[len("slow."):]: v for k, v in ck["model"].items() if k.startswith("slow.")}
@@ -48,8 +51,7 @@ def load_encoder(checkpoint: str | None, random_init: bool = False, arch: str | 
             state = ck
             beside = path.with_name("last.pt")
             if beside.exists() and not (arch and width):
-                cfg.update({k: v for k, v in torch.load(beside, map_location="cpu", weights_only=False)["config"].items()
-                            if k in cfg})
+                cfg.update({k: v for k, v in ckpt.load(beside, trust=trust)["config"].items() if k in cfg})
     if arch:
         cfg["arch"] = arch
     if width:
@@ -199,10 +201,16 @@ def main(argv=None) -> int:
     p.add_argument("--num-clips", type=int, default=10)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(ckpt.TRUST_FLAG, dest="trust_checkpoint", action="store_true",
+                   help="load a checkpoint that needs full unpickling (it can run any code it carries)")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.random_init:
         p.error("give --checkpoint, or --random-init for the untrained baseline")
-    encoder, cfg = load_encoder(args.checkpoint, args.random_init, args.arch, args.width, args.seed)
+    try:
+        encoder, cfg = load_encoder(args.checkpoint, args.random_init, args.arch, args.width, args.seed,
+                                    args.trust_checkpoint)
+    except ckpt.CheckpointRefused as e:
+        raise SystemExit(f"vthcl.eval: error: {e}") from None
     if args.crop_size:
         cfg["crop_size"] = args.crop_size
     options = {"num_workers": args.num_workers}

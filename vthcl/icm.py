@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vthcl import checkpoint as ckpt
 from vthcl.model import VTHCL
 
 
@@ -106,8 +107,10 @@ def synthetic_clips(per_class: int, classes: int, cfg: dict, seed: int = 10_000)
             yield finish(x[None], None, {})["fast"], m[0]
 
 
-def load_model(checkpoint: str, device: str = "cpu") -> tuple[VTHCL, dict]:
-    ck = torch.load(checkpoint, map_location=device, weights_only=False)
+def load_model(checkpoint: str, device: str = "cpu", trust: bool = False) -> tuple[VTHCL, dict]:
+    """The model of a vthcl.train last.pt, loaded as tensors and plain values
+    only (see vthcl.checkpoint; ``trust``: unpickle in full)."""
+    ck = ckpt.load(checkpoint, device, trust=trust)
     cfg = ck["config"]
     model = VTHCL(cfg["arch"], cfg["width"], cfg["levels"], input=cfg.get("input", "rgb")).to(device)
     model.load_state_dict(ck["model"])
@@ -187,10 +190,15 @@ def main(argv=None) -> int:
                         "OUT/icm_score.json with actor_auc per level and pathway, for the checkpoint and for a "
                         "random initialisation (seed --seed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(ckpt.TRUST_FLAG, dest="trust_checkpoint", action="store_true",
+                   help="load a checkpoint that needs full unpickling (it can run any code it carries)")
     args = p.parse_args(argv)
     if not args.video and not args.score:
         p.error("give --video, --score or both")
-    model, cfg = load_model(args.checkpoint)
+    try:
+        model, cfg = load_model(args.checkpoint, trust=args.trust_checkpoint)
+    except ckpt.CheckpointRefused as e:
+        raise SystemExit(f"vthcl.icm: error: {e}") from None
     out = Path(args.out)
     if args.video:
         for path in write_icm_pngs(model, cfg, args.video, out):

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from loaders import BACKENDS
+from vthcl import checkpoint as ckpt
 from vthcl.memory import MemoryBank, ShardedMemoryBank
 from vthcl.model import VTHCL
 
@@ -34,7 +35,7 @@ DEFAULTS = dict(data=None, backend="pyav", arch="r18", out="runs/pretrain", max_
                 weight_decay=1e-4, temperature=0.07, bank_momentum=0.5, level_weights=None, bank_dtype="fp32",
                 shard_banks=False, positive="bank", input="rgb", precision=None, channels_last=None, compile=False,
                 num_workers=None, log_every=1, ckpt_every=500, max_nonfinite=5, num_videos=None,
-                independent_crops=False, color_jitter=0.0, tensorboard=True, progress=True)
+                independent_crops=False, color_jitter=0.0, tensorboard=True, progress=True, trust_checkpoint=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int)
     a("--device", choices=["cpu", "cuda"])
     a("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
+    a(ckpt.TRUST_FLAG, dest="trust_checkpoint", action="store_true", default=None,
+      help="--resume from a checkpoint that needs full unpickling (one written before 2026-12-01): it can run "
+           "any code it carries, so only for files you trust")
     a("--lr", type=float, help="learning rate (default: 0.03 x batch/256)")
     a("--momentum", type=float)
     a("--weight-decay", type=float)
@@ -122,27 +126,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def make_loader(cfg, rank: int, world: int, device):
@@ -247,38 +230,47 @@ def train(cfg) -> dict:
     step, epoch, nonfinite_total = 0, 0, 0
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "last.pt"
+    sharded = cfg.shard_banks and world > 1  # every rank keeps (and checkpoints) its own bank rows
     if cfg.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        try:
+            ck = ckpt.load(ckpt_path, device, trust=cfg.trust_checkpoint)
+            own = ckpt.load(out / f"bank_rank{rank}.pt", device, trust=cfg.trust_checkpoint) if sharded else ck
+        except (ckpt.CheckpointRefused, FileNotFoundError) as e:
+            raise SystemExit(f"vthcl.train: error: {e}") from None
+        if sharded and (own.get("world") != world or own.get("step") != ck["step"]):
+            raise SystemExit(f"vthcl.train: error: {out / f'bank_rank{rank}.pt'} holds the bank rows of step "
+                             f"{own.get('step')} of a {own.get('world')}-rank run, not of step {ck['step']} on "
+                             f"{world} ranks: sharded banks resume on the same number of ranks")
         model.load_state_dict(ck["model"])
-        bank.load_state_dict(ck["bank"])
-        bank.generator.set_state(ck["bank_generator"])
+        bank.load_state_dict(own["bank"])
+        bank.generator.set_state(own["bank_generator"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         step, nonfinite_total = ck["step"], ck.get("nonfinite", 0)
         loader.load_state_dict(ck["loader"])
         epoch = ck["loader"]["epoch"]
-        set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+        ckpt.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
     elif cfg.resume and main_rank:
         print(f"vthcl.train: no checkpoint in {out}, starting afresh", file=sys.stderr)
     max_steps = min(cfg.max_steps or total_steps, total_steps)
 
     def checkpoint():
-        rngs = [rng_state()]
+        rngs = [ckpt.rng_state()]
         if world > 1:
             rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        banks = bank.state_dict()
-        if cfg.shard_banks and world > 1:  # every rank writes its own shard
-            atomic_save(banks, out / f"bank_rank{rank}.pt")
+            dist.all_gather_object(rngs, ckpt.rng_state())
+        banks = {"bank": bank.state_dict(), "bank_generator": bank.generator.get_state()}
+        if sharded:  # every rank writes its own rows and negative generator
+            ckpt.save({**banks, "rank": rank, "world": world, "step": step}, out / f"bank_rank{rank}.pt")
         if not main_rank:
             return
-        atomic_save({"model": model.state_dict(), "bank": banks, "bank_generator": bank.generator.get_state(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "nonfinite": nonfinite_total,
-                     "loader": loader.state_dict(), "rng": rngs, "config": vars(cfg), "num_videos": n},
-                    ckpt_path)
-        atomic_save(model.slow.state_dict(), out / "slow_encoder.pt")
+        ckpt.save({"model": model.state_dict(), **(banks if not sharded else {"bank": None}),
+                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "scaler": scaler.state_dict(), "step": step, "nonfinite": nonfinite_total,
+                   "loader": loader.state_dict(), "rng": rngs, "config": vars(cfg), "num_videos": n},
+                  ckpt_path)
+        ckpt.save(model.slow.state_dict(), out / "slow_encoder.pt")
 
     writer = None
     if main_rank and cfg.tensorboard:
