@@ -15,6 +15,14 @@ The contract (one dict per batch, whatever the backend):
 With ``normalize=True`` pixels are ``(x - 255*0.45) / (255*0.225)`` per channel
 (the Kinetics statistics of PySlowFast); with ``normalize=False`` they are
 floats in 0..255.
+
+A member that cannot be decoded is reported (``loader.stats``: ``skipped``
+and ``skip_reasons``, and a warning) and the epoch goes on. Evaluation
+(``train=False``) yields every decodable video exactly once, with all its
+views: the lost one is left out and the batch it fell in is smaller.
+Training keeps batch sizes and step counts by substituting other clips
+(``stats.substituted`` counts them). Under DDP every rank reads the same
+number of samples: a rank's range may repeat its first video once (padding).
 """
 from __future__ import annotations
 
@@ -257,6 +265,7 @@ class LoaderStats:
     skipped: int = 0
     skip_reasons: list = field(default_factory=list)
     wait_s: float = 0.0
+    substituted: int = 0  # training clips yielded in place of lost ones (evaluation never substitutes)
 
     def skip(self, key: str, reason: str, limit: int = 1000) -> None:
         self.skipped += 1
@@ -265,7 +274,7 @@ class LoaderStats:
 
     def as_dict(self) -> dict:
         return {"clips": self.clips, "batches": self.batches, "skipped": self.skipped,
-                "skip_reasons": list(self.skip_reasons), "wait_s": self.wait_s}
+                "skip_reasons": list(self.skip_reasons), "wait_s": self.wait_s, "substituted": self.substituted}
 
 
 class Timer:

@@ -296,15 +296,23 @@ class DALILoader:
         return self._iter
 
     def __iter__(self):
+        """A member DALI cannot decode costs its whole batch (DALI cannot skip
+        inside one): it is left out of a rewritten index and the pipeline is
+        rebuilt, which restarts the epoch. Training fills its steps from the
+        restarted epoch (``stats.substituted`` counts the lost batch's clips).
+        Evaluation yields every decodable video exactly once: after a rebuild
+        the videos already yielded are left out of the restarted epoch, which
+        runs to its end, so the lost batch's good videos come back, smaller."""
         it, produced, rebuilt = None, 0, False
-        while produced < len(self):
+        seen: set[int] = set()  # evaluation: the videos yielded this epoch
+        while produced < len(self) or (rebuilt and not self.train):
             try:
                 with Timer(self.stats):
                     if it is None:
                         it = iter(self._iterator())  # (DALI's iterator runs its first batch here)
                     out = next(it)
             except StopIteration:
-                if not rebuilt:
+                if not rebuilt or not self.train:
                     return
                 it, rebuilt = None, False  # a rebuilt pipeline restarted its epoch: fill from the next one
                 continue
@@ -315,10 +323,21 @@ class DALILoader:
                 reason = next((ln.strip() for ln in str(e).splitlines() if ".tar:" in ln), str(e))
                 self._exclude(*bad, reason=reason[:300])
                 it, rebuilt = None, True
+                if self.train:
+                    self.stats.substituted += self.batch_size
                 continue
-            for batch in self._split_views(out[0]):
+            batch = out[0]
+            if not self.train:
+                index = batch["index"].reshape(-1).tolist()
+                if rebuilt:
+                    keep = torch.tensor([i not in seen for i in index])
+                    if not keep.any():
+                        continue
+                    batch = {k: v[keep.to(v.device)] for k, v in batch.items()}
+                seen.update(index)
+            for part in self._split_views(batch):
                 produced += 1
-                yield self._finish(batch)
+                yield self._finish(part)
 
     def _split_views(self, batch: dict):
         """One DALI batch of B videos x V views -> batches of batch_size clips

@@ -268,11 +268,14 @@ class ClipMaker:
     window_cut: bool = True  # decode a window from its fragments where the shards carry the table
 
     def __call__(self, sample: dict):
+        """All clips of the sample, or (a member that fails in any of its views)
+        one ``__skip__`` item in their place: a video is whole or not at all."""
         key = sample.get("__key__", "?")
         try:
-            yield from self._clips(sample)
+            clips = list(self._clips(sample))
         except Exception as e:  # a corrupt member: reported to the main process, the epoch goes on
-            yield {"__skip__": f"{type(e).__name__}: {e}", "__key__": f"{key} ({sample.get('__url__', '')})"}
+            clips = [{"__skip__": f"{type(e).__name__}: {e}", "__key__": f"{key} ({sample.get('__url__', '')})"}]
+        yield from clips
 
     def _clips(self, sample: dict):
         import json
@@ -391,27 +394,68 @@ class PyAVLoader(EpochState):
         if start >= total:
             return
         skip = start * self.batch_size // self._views()
-        batch, owed, last_good = [], 0, None
-        it = iter(self._workers(skip))
-        while self._batches < total:
+        items = self._received(iter(self._workers(skip)))
+        yield from (self._train_batches(items, total) if self.train else self._eval_batches(items, total))
+
+    def _received(self, it):
+        """The workers' items; a skipped member is counted, warned and passed on as ``None``."""
+        while True:
             with Timer(self.stats):
                 item = next(it, None)
             if item is None:
-                break
+                return
             if "__skip__" in item:
                 self.stats.skip(item["__key__"], item["__skip__"])
                 warnings.warn(f"pyav loader: skipped {item['__key__']}: {item['__skip__']}", RuntimeWarning)
+                item = None
+            yield item
+
+    def _train_batches(self, items, total: int):
+        """Training: a lost clip's place is taken by the last good one (the next
+        good one at the start of an epoch), so batch sizes and DDP step counts
+        stay; ``stats.substituted`` counts those."""
+        batch, owed, last_good = [], 0, None
+        for item in items:
+            if item is None:
                 if last_good is None:
                     owed += 1
                     continue
-                item = last_good  # keep batch sizes (and DDP step counts) intact
+                item = last_good
+                self.stats.substituted += 1
             last_good = item
-            for _ in range(owed + 1):
-                batch.append(item)
+            self.stats.substituted += owed
+            batch.extend([item] * (owed + 1))
             owed = 0
             while len(batch) >= self.batch_size and self._batches < total:
                 yield self._emit(batch[: self.batch_size])
                 batch = batch[self.batch_size:]
+            if self._batches >= total:
+                return
+        if batch and self._batches < total:
+            yield self._emit(batch)
+
+    def _eval_batches(self, items, total: int):
+        """Evaluation: every decodable video exactly once. A lost member's
+        clips are left out, not replaced: the batch it fell in is smaller
+        (batch boundaries stay where they were, a lost member taking the
+        places of all its views), and a batch that lost every clip is not
+        yielded."""
+        batch, filled = [], 0
+        for item in items:
+            places = self._views() if item is None else 1
+            if item is not None:
+                batch.append(item)
+            while places:
+                take = min(places, self.batch_size - filled)
+                filled, places = filled + take, places - take
+                if filled == self.batch_size:
+                    if batch:
+                        yield self._emit(batch)
+                    else:
+                        self._batches += 1
+                    batch, filled = [], 0
+            if self._batches >= total:
+                return
         if batch and self._batches < total:
             yield self._emit(batch)
 

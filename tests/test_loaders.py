@@ -358,23 +358,43 @@ def corrupt_copy(src: Path, dst: Path, victim_ext: str) -> str:
 @pytest.mark.parametrize("backend,shards,ext", [("pyav", "h264_shards", "mp4"), ("dali", "vp9_shards", "mp4")])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_member_and_short_video_do_not_stop_an_epoch(backend, shards, ext, workers, request, tmp_path):
+    """Evaluation over a pack with a corrupt member: every good video exactly
+    once (its views too), the bad one reported and left out, not replaced."""
     if backend == "dali" and workers == 2:
         workers = 1
     path = request.getfixturevalue(shards)
     victim = corrupt_copy(path, tmp_path / "shards", ext)
-    loader = build_loader(str(tmp_path / "shards"), backend=backend, batch_size=2, device="cpu", crop_size=32,
-                          num_workers=workers, train=False)
-    with pytest.warns(RuntimeWarning, match="skipped"):
-        out = list(loader)
-    assert len(out) == len(loader) == 3
-    if backend == "pyav":  # the bad sample's place is taken by a good one: batch sizes stay
-        assert sum(b["fast"].shape[0] for b in out) == 5
-    else:  # DALI cannot skip inside a batch: that batch is lost, the rest of the epoch comes from a rebuilt graph
-        assert len({i for b in out for i in b["index"].tolist()}) == 4
-    assert loader.stats.skipped == 1 and victim in loader.stats.skip_reasons[0]["key"]
+    index_of = {json.loads(m)["key"]: json.loads(m)["index"] for m in _jsons(path)}
+    good = sorted(set(range(5)) - {index_of[victim]})
+    for num_clips in (1, 2):
+        loader = build_loader(str(tmp_path / "shards"), backend=backend, batch_size=2, device="cpu", crop_size=32,
+                              num_workers=workers, train=False, num_clips=num_clips)
+        with pytest.warns(RuntimeWarning, match="skipped"):
+            out = list(loader)
+        seen = sorted((i, v) for b in out for i, v in zip(b["index"].tolist(),
+                                                          b["view"].tolist() if "view" in b else [0] * 5))
+        assert seen == [(i, v) for i in good for v in range(num_clips)]  # each good video once, all its views
+        assert all(b["fast"].shape[0] >= 1 for b in out) and len(out) <= len(loader)
+        assert loader.stats.skipped == 1 and victim in loader.stats.skip_reasons[0]["key"]
+        assert loader.stats.substituted == 0
     # the 32-frame real video (33 frames at 30 fps) is looped, not dropped
     ids = {i: f for b in out for i, f in zip(b["index"].tolist(), b["frame_ids"].tolist())}
     assert any(f[0] == 0 and max(f) < 33 and f != sorted(f) for f in ids.values())
+
+
+@pytest.mark.parametrize("backend,shards,ext", [("pyav", "h264_shards", "mp4"), ("dali", "vp9_shards", "mp4")])
+def test_training_keeps_its_steps_past_a_corrupt_member(backend, shards, ext, request, tmp_path):
+    """Training may substitute to keep batch sizes and step counts; stats says how many."""
+    victim = corrupt_copy(request.getfixturevalue(shards), tmp_path / "shards", ext)
+    loader = build_loader(str(tmp_path / "shards"), backend=backend, batch_size=2, device="cpu", crop_size=32,
+                          num_workers=1 if backend == "dali" else 0)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        out = list(loader)
+    assert len(out) == len(loader) == 3
+    assert loader.stats.skipped == 1 and victim in loader.stats.skip_reasons[0]["key"]
+    assert loader.stats.substituted == (1 if backend == "pyav" else 2)
+    if backend == "pyav":  # the bad sample's place is taken by a good one: batch sizes stay
+        assert sum(b["fast"].shape[0] for b in out) == 5
 
 
 def test_dali_refuses_h264_on_cpu_with_a_clear_error(h264_shards):
