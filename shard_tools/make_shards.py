@@ -10,9 +10,11 @@ and written with ``webdataset.TarWriter`` as one sample of ``OUT/{prefix}-NNNNNN
 =================  ==========================================================
 ``KEY.mp4``        the video: a fragmented MP4, one fragment per GOP (H.264
                    or VP9; copy: mp4, or webm/mkv for codecs MP4 cannot hold)
-``KEY.json``       label, label_name, source, num_frames, fps, width, height,
-                   codec, duration, key, index, fragments, window_cut (and
-                   window_cut_reason where it is false)
+``KEY.json``       label, label_name, source, num_frames, fps, width, height
+                   (as shown: after the display matrix), codec, duration, key,
+                   index, fragments, window_cut (and window_cut_reason where
+                   it is false), orientation (what turned the frames upright),
+                   sample_aspect_ratio (of the packed pixels)
 ``KEY.cls``        the label as ASCII (-1: unlabeled)
 ``KEY.nframes``    int32 little-endian: the exact number of decodable frames
 ``KEY.ids``        int64 little-endian ``[index, label]``: the video's position
@@ -107,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="train")
     p.add_argument("--resume", action="store_true", help="keep complete shards of a killed run and do the rest")
     p.add_argument("--min-frames", type=int, default=1)
+    p.add_argument("--square-pixels", action="store_true",
+                   help="stretch non-square pixels (a sample aspect ratio, e.g. 64/51 in the 340x256 Kinetics "
+                        "releases) to their display aspect; by default the stored pixel grid is kept, as PySlowFast, "
+                        "decord and DALI decode it, and the ratio is written into the member and its json")
     p.add_argument("--seed", type=int, default=0, help="shuffles samples across shards")
     p.add_argument("--unlabeled", action="store_true", help="ignore labels: every sample gets label -1")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -189,7 +195,8 @@ class ShardSet:
                 "num_frames": meta["num_frames"], "fps": meta["fps"], "width": meta["width"],
                 "height": meta["height"], "codec": meta["codec"], "duration": meta["duration"],
                 "key": sample.key, "index": index, "fragments": meta["fragments"].count,
-                "window_cut": meta["window_cut"]}
+                "window_cut": meta["window_cut"], "orientation": meta["orientation"],
+                "sample_aspect_ratio": meta["sample_aspect_ratio"]}
         if not meta["window_cut"]:
             info["window_cut_reason"] = meta["window_cut_reason"]
             self.whole += 1
@@ -300,6 +307,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--bframes is a count (0 or more) for --codec h264")
     if args.b_refs and args.codec != "h264":
         raise UsageError("--b-refs is an x264 option (--codec h264)")
+    if args.square_pixels and args.codec == "copy":
+        raise UsageError("--codec copy keeps the stream as it is: it cannot honour --square-pixels")
     workers = cores() if args.workers is None else args.workers
     copy = args.codec == "copy"
     settings = EncodeSettings(
@@ -307,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
         fps=None if copy else (args.fps or 30.0),
         short_side=None if copy else (256 if args.short_side is None else args.short_side),
         gop=args.gop, crf=args.crf, preset=args.preset, bframes=args.bframes, b_refs=args.b_refs,
-        threads=max(1, cores() // max(1, workers)), min_frames=args.min_frames)
+        threads=max(1, cores() // max(1, workers)), min_frames=args.min_frames, square_pixels=args.square_pixels)
     ignored: list[str] = []
     layout, samples, classes = discover(args.src, args.layout, args.annotations, args.split_file, args.split,
                                         ignored)
@@ -319,8 +328,8 @@ def run(args: argparse.Namespace) -> int:
         classes = []
     if not samples:
         raise UsageError(f"no videos found under {args.src} (layout {layout})")
-    recorded = {k: v for k, v in settings.as_dict().items()
-                if k != "threads" and not (k == "bframes" and v is None)}  # (as shards made before --bframes)
+    recorded = {k: v for k, v in settings.as_dict().items()  # (as shards made before --bframes, --square-pixels)
+                if k != "threads" and not (k == "bframes" and v is None) and not (k == "square_pixels" and not v)}
     max_bytes = args.shard_size or (None if args.samples_per_shard else parse_size("1GB"))
     run_config = {**recorded, "member_format": MEMBER_FORMAT, "layout": layout, "src": os.path.abspath(args.src),
                   "seed": args.seed,

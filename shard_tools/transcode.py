@@ -24,15 +24,21 @@ loaders (``meta["window_cut"]`` False, with the reason).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
 import io
+import itertools
+import math
 import os
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
 import av
+import av.logging
+import numpy as np
+from av.sidedata.sidedata import Type as SideDataType
 from av.video.frame import PictureType
 from av.video.reformatter import VideoReformatter
 
@@ -63,6 +69,7 @@ class EncodeSettings:
     b_refs: bool = False         # x264's B-pyramid + adaptive B placement; off: every B-frame is disposable
     threads: int = 1             # codec threads per worker process
     min_frames: int = 1
+    square_pixels: bool = False  # stretch non-square pixels to their display aspect (default: keep the grid)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +122,80 @@ def _open(path: str):
             raise BadVideo("no video stream (audio only)")
         raise BadVideo(f"no video stream (streams: {', '.join(kinds) or 'none'})")
     return container
+
+
+def video_stream(container):
+    """The video stream to pack: FFmpeg's best video stream that is not an
+    attached picture (cover art is a one-frame "video" stream in MP4/MKV)."""
+    pictures = {s.index for s in container.streams.video if s.disposition & av.stream.Disposition.attached_pic}
+    candidates = [s for s in container.streams.video if s.index not in pictures]
+    if not candidates:
+        raise BadVideo("no video stream (only an attached picture: cover art)")
+    best = container.streams.best("video")
+    return best if best is not None and best.index not in pictures else candidates[0]
+
+
+# the eight orientations of a display matrix, as ops on [H, W] planes (rows top to bottom)
+ORIENTATIONS = {
+    "upright": lambda p: p, "hflip": lambda p: p[:, ::-1], "vflip": lambda p: p[::-1], "rot180": lambda p: p[::-1, ::-1],
+    "cw": lambda p: np.rot90(p, -1), "ccw": lambda p: np.rot90(p, 1),
+    "transpose": lambda p: p.T, "antitranspose": lambda p: p[::-1, ::-1].T,
+}
+
+
+def orientation(matrix) -> str:
+    """The op that shows frames as a player does, for a display matrix (9
+    int32 in FFmpeg's layout, or None): one of ORIENTATIONS, decided as
+    FFmpeg's own autorotation does (fftools: rotation from
+    av_display_rotation_get, flips from the matrix's signs). A rotation that
+    is not a multiple of 90 degrees raises BadVideo."""
+    if matrix is None:
+        return "upright"
+    m = [v / 65536 for v in matrix[:6]] if len(matrix) >= 6 else None
+    s0, s1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if s0 == 0 or s1 == 0:
+        raise BadVideo(f"corrupt: a display matrix that maps the frame to nothing ({list(matrix)})")
+    theta = round(math.degrees(math.atan2(m[1] / s1, m[0] / s0)))  # fftools: -av_display_rotation_get()
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        return "transpose" if m[3] > 0 else "cw"
+    if abs(theta - 180) < 1:
+        return {(True, True): "rot180", (True, False): "hflip", (False, True): "vflip",
+                (False, False): "upright"}[(m[0] < 0, m[4] < 0)]
+    if abs(theta - 270) < 1:
+        return "antitranspose" if m[3] < 0 else "ccw"
+    if abs(theta) > 1:
+        raise BadVideo(f"its display matrix rotates by {theta:g} degrees: not a multiple of 90, so it cannot be "
+                       "packed upright")
+    return "vflip" if m[4] < 0 else "upright"
+
+
+def _sample_aspect_ratio(stream) -> Fraction:
+    """The stream's pixel aspect (width / height of one pixel); 1 where unset or implausible."""
+    sar = stream.codec_context.sample_aspect_ratio or stream.sample_aspect_ratio
+    return Fraction(sar).limit_denominator(10000) if sar and 0.1 < float(sar) < 10 else Fraction(1)
+
+
+def display_matrix(frame):
+    """The frame's display matrix (9 ints), or None."""
+    data = frame.side_data.get(SideDataType.DISPLAYMATRIX)
+    if data is None:
+        return None
+    raw = bytes(data)
+    return tuple(np.frombuffer(raw[:36], "<i4").tolist()) if len(raw) >= 36 else None
+
+
+def _oriented(frame, op: str):
+    """A yuv420p frame with ``op`` applied to each of its planes."""
+    if op == "upright":
+        return frame
+    h, w = frame.height, frame.width
+    arr = frame.to_ndarray()  # [h * 3/2, w]: Y, then U and V flattened
+    y = arr[:h]
+    u, v = (arr[h:].reshape(-1)[k * (h * w // 4):(k + 1) * (h * w // 4)].reshape(h // 2, w // 2) for k in (0, 1))
+    y, u, v = (ORIENTATIONS[op](p) for p in (y, u, v))
+    out = np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)]).reshape(-1, y.shape[1])
+    return av.VideoFrame.from_ndarray(np.ascontiguousarray(out), format="yuv420p")
 
 
 def _msg(e: Exception) -> str:
@@ -189,18 +270,43 @@ def _check_complete(decoded: int, stream) -> None:
         )
 
 
+@contextlib.contextmanager
+def _ffmpeg_errors():
+    """FFmpeg's error-level log messages while inside, from every thread
+    (frame-threaded decoders log from theirs); the log level is restored after."""
+    level = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)
+    try:
+        with av.logging.Capture(local=False) as logs:
+            yield logs
+    finally:
+        av.logging.set_level(level)
+
+
 def _decoded_frames(container, stream):
-    """Yield (time_in_seconds, frame) for every decodable frame, in order."""
+    """Yield (time_in_seconds, frame) for every decodable frame, in order.
+
+    A decoder that reports an error is not trusted to go on: it conceals the
+    damage (the frames come out, wrong), so the video is refused with the
+    error, as it is when decoding stops. (Damage a codec cannot see — bytes
+    that happen to decode — cannot be told from content by any decoder.)"""
     stream.thread_type = "AUTO"
     rate = _input_rate(stream)
     n = 0
-    try:
-        for frame in container.decode(stream):
-            t = frame.time
-            yield (float(n / rate) if t is None else t), frame
-            n += 1
-    except av.error.FFmpegError as e:
-        raise BadVideo(f"corrupt: decoding failed after {n} frames ({_msg(e)})") from None
+    with _ffmpeg_errors() as errors:
+        try:
+            for frame in container.decode(stream):
+                if errors:
+                    break
+                t = frame.time
+                yield (float(n / rate) if t is None else t), frame
+                n += 1
+        except av.error.FFmpegError as e:
+            raise BadVideo(f"corrupt: decoding failed after {n} frames ({_msg(e)})") from None
+        if errors:
+            _, name, message = errors[0]
+            raise BadVideo(f"corrupt: the decoder reported {len(errors)} error(s) by frame {n} ({name}: "
+                           f"{message.strip()[:120]}): the frames it would conceal are not the video's")
     _check_complete(n, stream)
 
 
@@ -247,21 +353,38 @@ def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
     in_w, in_h = stream.codec_context.width, stream.codec_context.height
     if not in_w or not in_h:
         raise BadVideo("corrupt: the video stream has no frame size")
-    w, h = output_size(in_w, in_h, s.short_side)
+    frames = _decoded_frames(container, stream)
+    first = next(frames, None)
+    if first is None:
+        raise BadVideo("corrupt: no frame could be decoded")
+    frames = itertools.chain([first], frames)
+    # frames turned as a player shows them (the display matrix); non-square pixels (a sample aspect ratio,
+    # e.g. the 340x256 Kinetics releases' 64/51) kept as they are stored, which is what PySlowFast, decord and
+    # DALI decode, and written into the member, or with square_pixels stretched to their display width
+    sar = _sample_aspect_ratio(stream)
+    shown_w = in_w * float(sar) if s.square_pixels else in_w
+    op = orientation(display_matrix(first[1]))
+    swaps = op in ("cw", "ccw", "transpose", "antitranspose")
+    w, h = output_size(*((in_h, shown_w) if swaps else (shown_w, in_h)), s.short_side)
+    scale_w, scale_h = (h, w) if swaps else (w, h)  # the size to scale to before the planes are turned
+    out_sar = Fraction(1) if s.square_pixels else (1 / sar if swaps else sar)
     fps = Fraction(s.fps).limit_denominator(1001) if s.fps else _input_rate(stream)
     buf = io.BytesIO()
     out = av.open(buf, "w", format=MEMBER_EXT[s.codec], options={"movflags": fmp4.MOVFLAGS})
     ost = out.add_stream(ENCODER[s.codec], rate=fps)
     ost.width, ost.height, ost.pix_fmt = w, h, "yuv420p"
+    if out_sar != 1:
+        ost.codec_context.sample_aspect_ratio = out_sar
     ost.codec_context.thread_count = s.threads
     ost.options = encoder_options(s)
     tb = Fraction(1, 1) / fps
     n = 0
-    frames = _decoded_frames(container, stream)
     # one swscale context for the video: frame.reformat builds one per frame (0.28 instead of 0.09 ms a frame)
     scaler = VideoReformatter()
     for frame in resample_times(frames, float(fps), float(1 / _input_rate(stream))):
-        img = scaler.reformat(frame, width=w, height=h, format="yuv420p", interpolation="AREA", threads=s.threads)
+        img = scaler.reformat(frame, width=scale_w, height=scale_h, format="yuv420p", interpolation="AREA",
+                              threads=s.threads)
+        img = _oriented(img, op)
         # the source's frame type would be forced on the encoder (an I-frame wherever the source had one, ...),
         # overriding --gop/--bframes
         img.pict_type = PictureType.NONE
@@ -273,7 +396,8 @@ def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
         out.mux(packet)
     out.close()
     data = buf.getvalue()
-    meta = {"num_frames": n, "fps": float(fps), "width": w, "height": h, "codec": s.codec}
+    meta = {"num_frames": n, "fps": float(fps), "width": w, "height": h, "codec": s.codec, "orientation": op,
+            "sample_aspect_ratio": str(out_sar)}
     try:  # closed GOPs of ``gop`` frames: every fragment starts with a keyframe that decodes alone
         frags = fmp4.parse(data)
         if int(frags.frames[-1]) != n:
@@ -353,10 +477,32 @@ def cut_check(data: bytes, frags: Fragments, digests: list[bytes]) -> str | None
     return None
 
 
+# what --codec copy keeps: 8-bit 4:2:0, what NVDEC decodes for every codec here
+_COPY_PIXEL_FORMATS = {"yuv420p", "yuvj420p", "nv12"}
+
+
+def _first_frame(path: str, index: int):
+    """The first decoded frame of stream ``index`` of ``path`` (another handle: the caller's is left as it is)."""
+    with av.open(path, metadata_errors="ignore") as c:
+        try:
+            return next(c.decode(c.streams[index]), None)
+        except av.error.FFmpegError as e:
+            raise BadVideo(f"corrupt: decoding failed at the first frame ({_msg(e)})") from None
+
+
 def _copy(container, stream, path: str) -> tuple[bytes, dict]:
     """The source's stream re-muxed unchanged: a fragmented MP4 (a fragment at
     each keyframe) that is cut only where every fragment decodes alone."""
     name = stream.codec_context.name
+    pix = stream.codec_context.pix_fmt
+    if pix not in _COPY_PIXEL_FORMATS:
+        raise BadVideo(f"--codec copy keeps the stream, and it is {pix} ({name}): the loaders' GPU path (DALI on "
+                       "NVDEC) decodes 8-bit 4:2:0; pack it with the default transcode, which makes 8-bit 4:2:0")
+    op = orientation(display_matrix(_first_frame(path, stream.index)))
+    if op != "upright":
+        raise BadVideo(f"--codec copy keeps the stream, and it is shown {op} (its display matrix): the loaders "
+                       "decode frames as stored, so they would see it turned; pack it with the default transcode, "
+                       "which turns the frames upright")
     fmt = _COPY_CONTAINER.get(name, "matroska")
     reason = None if fmt == "mp4" else f"{name} has no fragmented-MP4 mapping (kept in {fmt})"
     data = _remux(container, stream, fmt, {"movflags": fmp4.MOVFLAGS} if fmt == "mp4" else None)
@@ -380,6 +526,8 @@ def _copy(container, stream, path: str) -> tuple[bytes, dict]:
         "ext": ext,
         "fragments": frags if reason is None else whole_member(len(data), n),
         "window_cut": reason is None,
+        "orientation": "upright",
+        "sample_aspect_ratio": str(_sample_aspect_ratio(stream)),
     }
     if reason is not None:
         meta["window_cut_reason"] = reason
@@ -390,7 +538,7 @@ def transcode(path: str, settings: EncodeSettings) -> tuple[bytes, dict]:
     """Return (member bytes, meta) for one input video, or raise BadVideo."""
     container = _open(path)
     try:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         if settings.codec == "copy":
             data, meta = _copy(container, stream, path)
         else:

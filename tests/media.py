@@ -49,24 +49,73 @@ def read_long_frame_number(rgb: np.ndarray) -> int:
 
 
 def write_coded_video(path: Path, num_frames: int, fps: int = 30, height: int = 96, width: int = 128,
-                      long: bool = False, codec: str = "ffv1", options: dict | None = None) -> Path:
+                      long: bool = False, codec: str = "ffv1", options: dict | None = None,
+                      pix_fmt: str | None = None, times: list[float] | None = None, **kw) -> Path:
     """A video whose frame i codes i (``long``: up to 1023 frames, no gradient):
     lossless FFV1 RGB by default; another ``codec`` (libx264, libvpx, ...)
-    with its ``options`` in 4:2:0 (the codes survive its losses)."""
+    with its ``options`` in ``pix_fmt`` (default 4:2:0; the codes survive its
+    losses). ``times``: presentation times in seconds (variable frame rate).
+    Other keywords go to :func:`write_video`."""
     code = long_coded_frame if long else coded_frame
-    with av.open(str(path), "w") as out:
+    return write_video(path, (code(i, height, width) for i in range(num_frames)), fps, codec, options,
+                       pix_fmt or ("bgr0" if codec == "ffv1" else "yuv420p"), times, **kw)
+
+
+def write_video(path: Path, frames, fps: int = 30, codec: str = "libx264", options: dict | None = None,
+                pix_fmt: str = "yuv420p", times: list[float] | None = None, rotation: tuple | None = None,
+                sar: Fraction | None = None, fmt: str | None = None) -> Path:
+    """RGB frames [H, W, 3] written with ``codec`` in ``pix_fmt``; ``times``
+    (seconds) for a variable frame rate; ``rotation`` = (degrees, hflip,
+    vflip) written as the container's display matrix; ``sar``: a sample
+    aspect ratio (non-square pixels); ``fmt``: the container format."""
+    frames = iter(frames)
+    first = next(frames)
+    with av.open(str(path), "w", format=fmt) as out:
         stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
+        stream.height, stream.width = first.shape[:2]
+        stream.pix_fmt = pix_fmt
         stream.options = options or {}
-        for i in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(code(i, height, width), format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, fps)
+        if rotation:
+            stream.set_display_rotation(rotation[0], hflip=rotation[1], vflip=rotation[2])
+        if sar:
+            stream.codec_context.sample_aspect_ratio = sar
+        tb = Fraction(1, 1000) if times else Fraction(1, fps)
+        for i, img in enumerate([first, *frames]):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            frame.pts, frame.time_base = (round(times[i] * 1000) if times else i), tb
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
     return path
+
+
+QUADRANTS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255))  # top-left, top-right, bottom-left, -right
+
+
+def quadrant_frame(height: int = 64, width: int = 96) -> np.ndarray:
+    """Red, green / blue, white quadrants: which way up a frame is shown."""
+    img = np.empty((height, width, 3), np.uint8)
+    for k, colour in enumerate(QUADRANTS):
+        r, c = divmod(k, 2)
+        img[r * height // 2:(r + 1) * height // 2, c * width // 2:(c + 1) * width // 2] = colour
+    return img
+
+
+def read_quadrants(rgb: np.ndarray) -> list[tuple[int, ...]]:
+    """The colours (0/255 per channel) of an [H, W, 3] image's four quadrants, as QUADRANTS orders them."""
+    h, w = rgb.shape[:2]
+    return [tuple(int(v) for v in np.round(rgb[a:b, c:d].reshape(-1, 3).mean(0) / 255) * 255)
+            for a, b in ((0, h // 2), (h // 2, h)) for c, d in ((0, w // 2), (w // 2, w))]
+
+
+def stored_for_display(upright: np.ndarray, degrees: int, hflip: bool, vflip: bool) -> np.ndarray:
+    """The frame to store so that a player, applying the display matrix of
+    ``set_display_rotation(degrees, hflip, vflip)`` (rotate counter-clockwise,
+    then mirror), shows ``upright``."""
+    x = upright[:, ::-1] if hflip else upright
+    x = x[::-1] if vflip else x
+    return np.ascontiguousarray(np.rot90(x, -(degrees // 90)))
 
 
 def write_audio_only(path: Path, seconds: float = 1.0) -> Path:

@@ -13,10 +13,15 @@ import tarfile
 import time
 from pathlib import Path
 
+from fractions import Fraction
+
 import av
 import numpy as np
 import pytest
 import webdataset as wds
+from av.sidedata.sidedata import Type as SideDataType
+
+from loaders import build_loader
 
 from shard_tools.make_shards import main as make_shards
 from shard_tools.wds_index import write_index
@@ -510,3 +515,161 @@ def test_resume_refuses_a_run_with_another_member_format(videos, tmp_path, capsy
     state_path.write_text(json.dumps(state))
     assert make_shards(args + ["--resume"]) == 2
     assert "member_format" in capsys.readouterr().err
+
+
+# (degrees counter-clockwise, hflip, vflip) as set_display_rotation writes them: the eight orientations
+ORIENTED = {"r0": (0, False, False), "r0_hflip": (0, True, False), "r0_vflip": (0, False, True),
+            "r90": (90, False, False), "r90_hflip": (90, True, False), "r90_vflip": (90, False, True),
+            "r180": (180, False, False), "r270": (-90, False, False)}
+
+
+def _decoded_first_frame(data: bytes):
+    with av.open(io.BytesIO(data)) as c:
+        return next(c.decode(video=0))
+
+
+def test_display_orientations_are_packed_upright(tmp_path):
+    """Phone-style videos stored sideways or mirrored with a display matrix
+    (all eight orientations) are packed as a player shows them: checked on
+    content (the quadrants' colours), width/height the displayed ones, and
+    the packed member carries no display matrix. --codec copy refuses them."""
+    src = tmp_path / "src"
+    src.mkdir()
+    upright = media.quadrant_frame(64, 96)
+    for name, (deg, hflip, vflip) in ORIENTED.items():
+        stored = media.stored_for_display(upright, deg % 360, hflip, vflip)
+        media.write_video(src / f"{name}.mp4", [stored] * 4, options={"crf": "10"}, rotation=(deg, hflip, vflip))
+    out = tmp_path / "out"
+    assert make_shards([str(src), str(out), "--short-side", "64", "--quiet", "--workers", "2"]) == 0
+    samples = {json.loads(m["json"])["source"]: m for m in tar_samples(out).values()}
+    assert sorted(samples) == sorted(f"{n}.mp4" for n in ORIENTED)
+    ops = set()
+    for source, members in samples.items():
+        info = json.loads(members["json"])
+        frame = _decoded_first_frame(members["mp4"])
+        assert (info["width"], info["height"]) == (frame.width, frame.height) == (96, 64), source
+        assert media.read_quadrants(frame.to_ndarray(format="rgb24")) == list(media.QUADRANTS), source
+        assert frame.rotation == 0 and SideDataType.DISPLAYMATRIX not in frame.side_data, source
+        ops.add(info["orientation"])
+    assert len(ops) == 8
+    copy = tmp_path / "copy"
+    assert make_shards([str(src), str(copy), "--codec", "copy", "--quiet", "--workers", "0"]) == 3
+    failed = [json.loads(line) for line in (copy / "failed.jsonl").read_text().splitlines()]
+    assert sorted(f["source"] for f in failed) == sorted(f"{n}.mp4" for n in ORIENTED if n != "r0")
+    assert all("display matrix" in f["reason"] and "transcode" in f["reason"] for f in failed)
+
+
+def test_real_world_oddities_are_packed_right_or_reported(videos, tmp_path):
+    """Inputs real datasets hold — other codecs, 10-bit and 4:4:4, odd, tiny
+    and 4K sizes, non-square pixels, variable frame rate, one frame, a long
+    GOP, a picture track before the video, damage in the middle, no moov — are each
+    packed correctly (frames, fps, size) or reported with a reason; never
+    both, never lost."""
+    src = tmp_path / "src"
+    src.mkdir()
+    code = media.coded_frame
+
+    def frames(n, h=64, w=96):
+        return [code(i, h, w) for i in range(n)]
+
+    good = {}  # source -> (frames at 30 fps, width, height) expected at --short-side 64
+
+    def make(name, n_out, size, *args, **kw):
+        media.write_video(src / name, *args, **kw)
+        good[name] = (n_out, *size)
+
+    make("hevc.mp4", 30, (96, 64), frames(30), codec="libx265", options={"x265-params": "log-level=error"})
+    make("av1.mp4", 30, (96, 64), frames(30), codec="libsvtav1", options={"preset": "12"})
+    make("vp8.webm", 30, (96, 64), frames(30), codec="libvpx")
+    make("mpeg2.mpg", 30, (96, 64), frames(25), fps=25, codec="mpeg2video", fmt="mpeg")
+    make("mjpeg.avi", 30, (96, 64), frames(15), fps=15, codec="mjpeg", pix_fmt="yuvj420p")
+    make("prores_422_10bit.mov", 30, (96, 64), frames(24), fps=24, codec="prores", pix_fmt="yuv422p10le")
+    make("h264_10bit.mkv", 30, (96, 64), frames(30), pix_fmt="yuv420p10le")
+    make("h264_444.mp4", 30, (96, 64), frames(30), pix_fmt="yuv444p")
+    make("odd_127x95.mkv", 10, (86, 64), frames(10, 95, 127), codec="ffv1", pix_fmt="bgr0")
+    make("tiny_8x6.mkv", 10, (86, 64), frames(10, 6, 8), codec="ffv1", pix_fmt="bgr0")
+    make("uhd_3840x2160.mp4", 3, (114, 64), frames(3, 2160, 3840), options={"preset": "ultrafast"})
+    make("one_frame.mp4", 1, (96, 64), frames(1))
+    make("long_gop.mp4", 90, (96, 64), frames(90), options={"x264-params": "keyint=300:min-keyint=300"})
+    vfr = [0.0, 0.033, 0.1, 0.133, 0.3, 0.333, 0.4, 0.7, 0.733, 1.0]
+    make("vfr.mkv", 31, (96, 64), frames(len(vfr)), times=vfr)  # 1.0 s + the last frame's 1/30 s
+    make("anamorphic_sar2.mp4", 10, (64, 64), frames(10, 64, 64), sar=Fraction(2, 1))  # the grid kept, see below
+    cover = src / "cover_art.mkv"  # a one-picture track (Matroska keeps it as stream 0) before the video
+    with av.open(str(cover), "w") as out:
+        pic = out.add_stream("mjpeg")
+        pic.width, pic.height, pic.pix_fmt = 32, 32, "yuvj420p"
+        pic.disposition = av.stream.Disposition.attached_pic
+        video = out.add_stream("libx264", rate=30)
+        video.width, video.height, video.pix_fmt = 96, 64, "yuv420p"
+        for p in pic.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")):
+            out.mux(p)
+        for p in pic.encode():
+            out.mux(p)
+        for i, img in enumerate(frames(20)):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = i, Fraction(1, 30)
+            for p in video.encode(f):
+                out.mux(p)
+        for p in video.encode():
+            out.mux(p)
+    good["cover_art.mkv"] = (20, 96, 64)
+    real = bytearray((videos / "test.mp4").read_bytes())
+    damaged = bytearray(real)
+    damaged[len(real) // 2:len(real) // 2 + 1000] = bytes(1000)
+    (src / "damaged_middle.mp4").write_bytes(bytes(damaged))
+    (src / "no_moov.mp4").write_bytes((src / "long_gop.mp4").read_bytes()[:-2000])  # its moov is at the end
+    bad = {"damaged_middle.mp4": "corrupt: the decoder reported", "no_moov.mp4": "cannot open it as a video"}
+
+    out = tmp_path / "out"
+    assert make_shards([str(src), str(out), "--short-side", "64", "--quiet", "--workers", "2"]) == 3
+    failed = {f["source"]: f["reason"] for f in map(json.loads, (out / "failed.jsonl").read_text().splitlines())}
+    packed = {json.loads(m["json"])["source"]: m for m in tar_samples(out).values()}
+    assert sorted(failed) == sorted(bad) and sorted(packed) == sorted(good)  # never both, never lost
+    for name, reason in bad.items():
+        assert reason in failed[name], (name, failed[name])
+    for name, (n, w, h) in good.items():
+        info = json.loads(packed[name]["json"])
+        decoded, (rate, dw, dh) = decode_count(packed[name]["mp4"])
+        assert (info["num_frames"], info["width"], info["height"]) == (decoded, dw, dh) == (n, w, h), name
+        assert rate == 30 and info["fps"] == 30.0, name
+    frame = _decoded_first_frame(packed["cover_art.mkv"]["mp4"]).to_ndarray(format="rgb24").transpose(2, 0, 1)
+    assert media.read_frame_number(frame) == 0  # the video, not the cover picture
+    # non-square pixels: the stored grid is kept and its aspect written into the member and the json
+    info = json.loads(packed["anamorphic_sar2.mp4"]["json"])
+    with av.open(io.BytesIO(packed["anamorphic_sar2.mp4"]["mp4"])) as c:
+        assert info["sample_aspect_ratio"] == "2" and c.streams.video[0].sample_aspect_ratio == 2
+    loader = build_loader(str(out), backend="pyav", batch_size=4, device="cpu", crop_size=32, num_workers=0,
+                          train=False)
+    assert sorted(i for b in loader for i in b["index"].tolist()) == list(range(len(good)))
+    assert loader.stats.skipped == 0
+
+
+def test_square_pixels_stretches_to_the_display_aspect(tmp_path):
+    """--square-pixels: 64x64 pixels twice as wide as tall are packed 128x64 with square pixels."""
+    src = tmp_path / "src"
+    src.mkdir()
+    media.write_video(src / "anamorphic.mp4", [media.quadrant_frame(64, 64)] * 5, sar=Fraction(2, 1))
+    out = tmp_path / "out"
+    assert make_shards([str(src), str(out), "--short-side", "64", "--quiet", "--workers", "0", "--square-pixels"]) == 0
+    (members,) = tar_samples(out).values()
+    info = json.loads(members["json"])
+    frame = _decoded_first_frame(members["mp4"])
+    assert (info["width"], info["height"], info["sample_aspect_ratio"]) == (frame.width, frame.height, "1") == \
+        (128, 64, "1")
+    assert media.read_quadrants(frame.to_ndarray(format="rgb24")) == list(media.QUADRANTS)
+    assert json.loads((out / "manifest.json").read_text())["settings"]["square_pixels"] is True
+
+
+def test_copy_refuses_what_nvdec_cannot_decode(tmp_path):
+    """--codec copy keeps the stream: 10-bit and 4:4:4 (which DALI's NVDEC
+    path does not decode) are refused with the reason; 8-bit 4:2:0 is kept."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, pix in (("h264_10bit.mkv", "yuv420p10le"), ("h264_444.mp4", "yuv444p"), ("h264_420.mp4", "yuv420p")):
+        media.write_coded_video(src / name, 20, codec="libx264", pix_fmt=pix)
+    out = tmp_path / "out"
+    assert make_shards([str(src), str(out), "--codec", "copy", "--quiet", "--workers", "0"]) == 3
+    failed = {f["source"]: f["reason"] for f in map(json.loads, (out / "failed.jsonl").read_text().splitlines())}
+    assert sorted(failed) == ["h264_10bit.mkv", "h264_444.mp4"]
+    assert "yuv420p10le" in failed["h264_10bit.mkv"] and "8-bit 4:2:0" in failed["h264_444.mp4"]
+    assert [json.loads(m["json"])["source"] for m in tar_samples(out).values()] == ["h264_420.mp4"]
