@@ -137,8 +137,8 @@ def video_stream(container):
 
 # the eight orientations of a display matrix, as ops on [H, W] planes (rows top to bottom)
 ORIENTATIONS = {
-    "upright": lambda p: p, "hflip": lambda p: p[:, ::-1], "vflip": lambda p: p[::-1], "rot180": lambda p: p[::-1, ::-1],
-    "cw": lambda p: np.rot90(p, -1), "ccw": lambda p: np.rot90(p, 1),
+    "upright": lambda p: p, "hflip": lambda p: p[:, ::-1], "vflip": lambda p: p[::-1],
+    "rot180": lambda p: p[::-1, ::-1], "cw": lambda p: np.rot90(p, -1), "ccw": lambda p: np.rot90(p, 1),
     "transpose": lambda p: p.T, "antitranspose": lambda p: p[::-1, ::-1].T,
 }
 

@@ -53,6 +53,21 @@ def load(path: str | os.PathLike, map_location="cpu", trust: bool = False):
         return torch.load(path, map_location=map_location, weights_only=False)
 
 
+def add_trust_flag(parser) -> None:
+    """The CLIs' opt-in to full unpickling (``args.trust_checkpoint``)."""
+    parser.add_argument(TRUST_FLAG, dest="trust_checkpoint", action="store_true", default=None,
+                        help="load a checkpoint that needs full unpickling (one written before 2026-12-01): it "
+                             "can run any code it carries, so only for files you trust")
+
+
+def or_exit(prog: str, load_fn, *args, **kwargs):
+    """``load_fn(*args, **kwargs)``, a refused checkpoint turned into the CLI's error exit."""
+    try:
+        return load_fn(*args, **kwargs)
+    except CheckpointRefused as e:
+        raise SystemExit(f"{prog}: error: {e}") from None
+
+
 def save(obj, path: Path) -> None:
     """``torch.save`` to a temporary name, then an atomic rename."""
     tmp = path.with_suffix(path.suffix + ".tmp")

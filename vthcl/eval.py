@@ -201,16 +201,12 @@ def main(argv=None) -> int:
     p.add_argument("--num-clips", type=int, default=10)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(ckpt.TRUST_FLAG, dest="trust_checkpoint", action="store_true",
-                   help="load a checkpoint that needs full unpickling (it can run any code it carries)")
+    ckpt.add_trust_flag(p)
     args = p.parse_args(argv)
     if not args.checkpoint and not args.random_init:
         p.error("give --checkpoint, or --random-init for the untrained baseline")
-    try:
-        encoder, cfg = load_encoder(args.checkpoint, args.random_init, args.arch, args.width, args.seed,
-                                    args.trust_checkpoint)
-    except ckpt.CheckpointRefused as e:
-        raise SystemExit(f"vthcl.eval: error: {e}") from None
+    encoder, cfg = ckpt.or_exit("vthcl.eval", load_encoder, args.checkpoint, args.random_init, args.arch,
+                                args.width, args.seed, bool(args.trust_checkpoint))
     if args.crop_size:
         cfg["crop_size"] = args.crop_size
     options = {"num_workers": args.num_workers}

@@ -190,15 +190,11 @@ def main(argv=None) -> int:
                         "OUT/icm_score.json with actor_auc per level and pathway, for the checkpoint and for a "
                         "random initialisation (seed --seed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(ckpt.TRUST_FLAG, dest="trust_checkpoint", action="store_true",
-                   help="load a checkpoint that needs full unpickling (it can run any code it carries)")
+    ckpt.add_trust_flag(p)
     args = p.parse_args(argv)
     if not args.video and not args.score:
         p.error("give --video, --score or both")
-    try:
-        model, cfg = load_model(args.checkpoint, trust=args.trust_checkpoint)
-    except ckpt.CheckpointRefused as e:
-        raise SystemExit(f"vthcl.icm: error: {e}") from None
+    model, cfg = ckpt.or_exit("vthcl.icm", load_model, args.checkpoint, trust=bool(args.trust_checkpoint))
     out = Path(args.out)
     if args.video:
         for path in write_icm_pngs(model, cfg, args.video, out):

@@ -59,9 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int)
     a("--device", choices=["cpu", "cuda"])
     a("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
-    a(ckpt.TRUST_FLAG, dest="trust_checkpoint", action="store_true", default=None,
-      help="--resume from a checkpoint that needs full unpickling (one written before 2026-12-01): it can run "
-           "any code it carries, so only for files you trust")
+    ckpt.add_trust_flag(p)
     a("--lr", type=float, help="learning rate (default: 0.03 x batch/256)")
     a("--momentum", type=float)
     a("--weight-decay", type=float)
@@ -233,9 +231,10 @@ def train(cfg) -> dict:
     sharded = cfg.shard_banks and world > 1  # every rank keeps (and checkpoints) its own bank rows
     if cfg.resume and ckpt_path.exists():
         try:
-            ck = ckpt.load(ckpt_path, device, trust=cfg.trust_checkpoint)
-            own = ckpt.load(out / f"bank_rank{rank}.pt", device, trust=cfg.trust_checkpoint) if sharded else ck
-        except (ckpt.CheckpointRefused, FileNotFoundError) as e:
+            ck = ckpt.or_exit("vthcl.train", ckpt.load, ckpt_path, device, trust=cfg.trust_checkpoint)
+            own = ckpt.or_exit("vthcl.train", ckpt.load, out / f"bank_rank{rank}.pt", device,
+                               trust=cfg.trust_checkpoint) if sharded else ck
+        except FileNotFoundError as e:
             raise SystemExit(f"vthcl.train: error: {e}") from None
         if sharded and (own.get("world") != world or own.get("step") != ck["step"]):
             raise SystemExit(f"vthcl.train: error: {out / f'bank_rank{rank}.pt'} holds the bank rows of step "
