@@ -26,18 +26,32 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
 
 
 def video_files(folder: Path) -> list[Path]:
-    """The videos directly in ``folder``, sorted."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in VIDEO_SUFFIXES)
+    """The videos in ``folder``: a flat folder or a dataset tree of any depth
+    (``<class>/<video>``, as Kinetics, UCF101 and HMDB51 are laid out),
+    hidden files and folders left out; sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SystemExit(f"benchmarks: {folder} is not a folder of videos")
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not found:
+        raise SystemExit(f"benchmarks: no videos ({', '.join(sorted(VIDEO_SUFFIXES))}) in {folder} or below it")
+    return found
+
+
+def flat_name(path: Path, root: Path) -> str:
+    """A file name for ``path`` that says where under ``root`` it was (``a/b.mp4`` -> ``a__b.mp4``)."""
+    return "__".join(path.relative_to(root).parts)
 
 
 def replicate(videos: Path, dest: Path, copies: int) -> list[Path]:
-    """``copies`` symlinked copies of every video in ``videos`` under ``dest``
-    (more inputs than workers, the same bytes); returns the links, sorted."""
+    """``copies`` symlinked copies of every video in ``videos`` (flat or a
+    tree) under ``dest`` (more inputs than workers, the same bytes); returns
+    the links, sorted."""
     dest.mkdir(parents=True, exist_ok=True)
     for i in range(copies):
         for f in video_files(videos):
-            link = dest / f"{i:02d}_{f.name}"
+            link = dest / f"{i:02d}_{flat_name(f, Path(videos))}"
             if not link.exists():
                 os.symlink(f.resolve(), link)
     return sorted(dest.iterdir())
@@ -56,7 +70,7 @@ def lengthened(videos: Path, dest: Path, frames: int, short_side: int = 256, fir
     dest.mkdir(parents=True, exist_ok=True)
     made = []
     for src in video_files(videos)[:first]:
-        path = dest / f"{src.name.replace('.', '_')}_{frames}.mp4"
+        path = dest / f"{flat_name(src, Path(videos)).replace('.', '_')}_{frames}.mp4"
         made.append(path)
         if path.exists():
             continue

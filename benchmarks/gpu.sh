@@ -23,8 +23,7 @@
 # Optional stages (name them in STAGES): step 200 s (fp32 / fp32_strict / bf16 /
 # channels_last_3d / compile), loader 150 s (every loader side by side), loss 45 s.
 #
-# VIDEOS_DIR: the original videos (../shared/data/videos does not travel: copy it into an
-# ignored folder of the carried tree).
+# VIDEOS_DIR: the original videos (tests/data/videos: they travel with the repository).
 # RESULTS_DIR gets <suite>.json/.png, <stage>.log, stages.txt and machine.txt;
 # RESULTS_DIR.tar is rewritten after every stage (for machines that return few files).
 # The machine needs DALI (../shared/tools/device_wheels.md: in parts, installed into

@@ -1,6 +1,6 @@
 """Run benchmark suites and write DIR/<suite>.json and DIR/<suite>.png.
 
-    python -m benchmarks.run --suite all --videos ../shared/data/videos --shards SHARDS --out benchmarks/results/cpu
+    python -m benchmarks.run --suite all --videos tests/data/videos --shards SHARDS --out benchmarks/results/cpu
 """
 from __future__ import annotations
 

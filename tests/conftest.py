@@ -1,4 +1,4 @@
-"""Shared fixtures: trees of the real videos in ../shared/data/videos and their shards."""
+"""Shared fixtures: trees of the real videos in tests/data/videos and their shards."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import pytest
 from tests import media
 
 REPO = Path(__file__).resolve().parents[1]
-VIDEOS = Path(os.environ.get("VTHCL_TEST_VIDEOS", REPO.parent / "shared" / "data" / "videos"))
+VIDEOS = Path(os.environ.get("VTHCL_TEST_VIDEOS", REPO / "tests" / "data" / "videos"))
 REAL = ["demo.mp4", "test.mp4", "test.avi", "part_0.mp4", "S001C001P001R001A001_rgb.avi"]
 
 

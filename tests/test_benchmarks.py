@@ -185,3 +185,26 @@ def test_decode_suite_quick_on_cpu(videos, tmp_path):
     assert doc["settings"]["position_member_frames"] == 1200
     assert all(doc["ratios"][f"position_{m}_last_over_first"] > 0 for m in ("cut", "whole"))
     assert any("PyNvVideoCodec" in n for n in doc["notes"])
+
+
+def test_videos_are_found_in_a_dataset_tree_or_a_flat_folder(videos, real_tree, tmp_path):
+    """--videos takes what users have: <class>/<video> trees of any depth, or a flat folder."""
+    from benchmarks.common import replicate, video_files
+    flat = video_files(videos)
+    assert [p.name for p in flat] == sorted(p.name for p in videos.iterdir() if p.suffix in (".mp4", ".avi"))
+    deep = tmp_path / "k400" / "train"
+    for f in video_files(real_tree):
+        target = deep / f.relative_to(real_tree).parent / "more" / f.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(f)
+    (deep / "other" / "more" / "demo.mp4").symlink_to(videos / "demo.mp4")  # one name in two classes
+    (deep / ".cache").mkdir()
+    (deep / ".cache" / "hidden.mp4").write_bytes(b"")
+    found = video_files(tmp_path / "k400")
+    assert len(found) == 6 and all("more" in p.parts for p in found)
+    links = replicate(tmp_path / "k400", tmp_path / "src", 2)
+    assert len(links) == 12 and len({p.name for p in links}) == 12  # the two demo.mp4 stay apart
+    empty = tmp_path / "empty" / "class"
+    empty.mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no videos"):
+        video_files(tmp_path / "empty")
