@@ -344,11 +344,11 @@ class _Payload:
 
 
 def test_a_checkpoint_that_carries_code_is_refused_and_never_runs(h264_shards, tmp_path):
-    """vthcl.train --resume, vthcl.eval and vthcl.icm load checkpoints as
+    """vthcl.train --resume, vthcl.eval and vthcl.icm_maps load checkpoints as
     tensors and plain values only: a last.pt with a pickled payload is
     refused with an error naming the file, and its code never runs."""
     from vthcl import eval as veval
-    from vthcl import icm
+    from vthcl import icm_maps
     from vthcl.train import main as train
     out = tmp_path / "run"
     _train(out, "--data", str(h264_shards), *TRAIN, "--max-steps", "1")
@@ -361,7 +361,7 @@ def test_a_checkpoint_that_carries_code_is_refused_and_never_runs(h264_shards, t
                                       "--resume"]),
         "vthcl.eval": lambda: veval.main(["knn", "--checkpoint", str(out / "last.pt"), "--train",
                                           str(h264_shards), "--val", str(h264_shards), "--out", str(tmp_path / "e")]),
-        "vthcl.icm": lambda: icm.main(["--checkpoint", str(out / "last.pt"), "--score", "1",
+        "vthcl.icm_maps": lambda: icm_maps.main(["--checkpoint", str(out / "last.pt"), "--score", "1",
                                        "--out", str(tmp_path / "i")]),
     }
     for name, run in runs.items():

@@ -38,7 +38,8 @@ def test_synthetic_classes_mix_appearance_and_motion():
 
 
 def test_icm_scoring_clips_carry_the_actors_mask():
-    from vthcl.icm import score_maps, synthetic_clips
+    from vthcl.icm import score_maps
+    from vthcl.icm_maps import synthetic_clips
     from vthcl.model import VTHCL
     cfg = {"tau": 8, "alpha": 2, "slow_frames": 8, "crop_size": 56, "arch": "r18", "width": 8, "levels": 3}
     clips = list(synthetic_clips(1, 4, cfg))

@@ -94,7 +94,7 @@ def icm_maps(checkpoint: Path, data: Path, out: Path, seed: int, per_class: int,
     """The ICM PNGs of the first synthetic video (``draw``) and the maps'
     actor_auc on ``per_class`` fresh synthetic videos per class, pretrained
     and random init."""
-    from vthcl.icm import load_model, score_checkpoint, write_icm_pngs
+    from vthcl.icm_maps import load_model, score_checkpoint, write_icm_pngs
     log(f"Instance Correspondence Maps of {checkpoint}: scoring {per_class * 8} clips")
     model, cfg = load_model(str(checkpoint))
     video = sorted((data / "videos").rglob("*.mp4"))[0]

@@ -8,24 +8,20 @@ embeddings are not normalised: their magnitude is part of the answer (with
 cosines every position counts alike, and the many background positions,
 which make up most of the pooled embedding, look most like it).
 
-On the synthetic tempo videos the actor's position is known, so a map can be
-scored: ``actor_auc`` is the probability that a pixel covered by the actor
+Where the actor's position is known (the synthetic tempo videos) a map can
+be scored: ``actor_auc`` is the probability that a pixel covered by the actor
 is hotter than one that is not (0.5: no preference, 1: the actor is hotter
 everywhere, 0: colder everywhere).
 
-    python -m vthcl.icm --checkpoint runs/pretrain/last.pt --video clip.mp4 --out icm/ [--score 4]
+Tensors in, tensors out; reading videos, scoring on the synthetic set and
+drawing PNGs are the CLI's (``python -m vthcl.icm_maps``).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from vthcl import checkpoint as ckpt
 from vthcl.model import VTHCL
 
 
@@ -50,7 +46,6 @@ def actor_auc(heat: torch.Tensor, mask: torch.Tensor) -> float:
     heat of the map cell it falls in; returns P(heat at an actor pixel > heat
     at another pixel), ties counting half (the Mann-Whitney AUC, computed per
     cell with the actor's coverage as weight); nan without actor or background."""
-    import torch.nn.functional as F
     cover = F.adaptive_avg_pool3d(mask[None, None].double(), heat.shape)[0, 0].flatten()
     h = heat.flatten().double()
     pos, neg = cover, 1 - cover
@@ -70,143 +65,3 @@ def score_maps(model: VTHCL, clips, alpha: int) -> dict[str, dict[str, float]]:
             for pathway, heat in pair.items():
                 scores.setdefault(lvl, {}).setdefault(pathway, []).append(actor_auc(heat[0], mask))
     return {lvl: {pw: round(float(np.nanmean(v)), 4) for pw, v in per.items()} for lvl, per in scores.items()}
-
-
-def score_checkpoint(model: VTHCL, cfg: dict, per_class: int, seed: int = 0, classes: int = 8) -> dict:
-    """actor_auc per level and pathway on synthetic clips, for ``model`` and for
-    a random initialisation of the same architecture (seed ``seed``)."""
-    torch.manual_seed(seed)
-    random = VTHCL(cfg["arch"], cfg["width"], cfg["levels"], input=cfg.get("input", "rgb")).eval()
-    clips = list(synthetic_clips(per_class, classes, cfg))
-    return {"actor_auc": {"pretrained": score_maps(model, clips, cfg["alpha"]),
-                          "random": score_maps(random, clips, cfg["alpha"])},
-            "clips": len(clips)}
-
-
-def synthetic_clips(per_class: int, classes: int, cfg: dict, seed: int = 10_000):
-    """Evaluation clips of the synthetic tempo videos (shard_tools.make_synthetic),
-    rendered with their actor masks: the centre window, sampled and cropped as
-    at evaluation (loaders.common.crop_params), normalised by the loaders'
-    Normalizer. Seeds from ``seed`` on, apart from the ones make_synthetic uses
-    for its sets."""
-    import torch.nn.functional as F
-    from loaders.common import ClipSpec, Normalizer, crop_params
-    from shard_tools.make_synthetic import class_names, render
-    spec = ClipSpec(tau=cfg["tau"], alpha=cfg["alpha"], slow_frames=cfg["slow_frames"])
-    size = cfg["crop_size"]
-    finish = Normalizer(cfg["alpha"], True, "cpu")
-    for c, name in enumerate(class_names(classes)):
-        for k in range(per_class):
-            frames, mask = render(name, seed + c * per_class + k, num_frames=max(96, spec.window), with_mask=True)
-            ids = spec.frame_ids(spec.starts(len(frames), train=False)[0], len(frames))
-            crop = crop_params(frames.shape[1], frames.shape[2], size, train=False)
-            x = torch.from_numpy(frames[ids]).permute(3, 0, 1, 2).float()          # [3, T, H, W]
-            m = torch.from_numpy(mask[ids]).float()[None]
-            x, m = (F.interpolate(v, size=(crop.height, crop.width), mode="bilinear", align_corners=False)
-                    [:, :, crop.y0:crop.y0 + size, crop.x0:crop.x0 + size] for v in (x, m))
-            yield finish(x[None], None, {})["fast"], m[0]
-
-
-def load_model(checkpoint: str, device: str = "cpu", trust: bool = False) -> tuple[VTHCL, dict]:
-    """The model of a vthcl.train last.pt, loaded as tensors and plain values
-    only (see vthcl.checkpoint; ``trust``: unpickle in full)."""
-    ck = ckpt.load(checkpoint, device, trust=trust)
-    cfg = ck["config"]
-    model = VTHCL(cfg["arch"], cfg["width"], cfg["levels"], input=cfg.get("input", "rgb")).to(device)
-    model.load_state_dict(ck["model"])
-    return model.eval(), cfg
-
-
-def clip_from_video(path: str, tau: int, alpha: int, slow_frames: int, crop_size: int):
-    """The centre window of a video file, centre-cropped, normalised: (slow, fast, uint8 fast frames)."""
-    import av
-    from loaders.common import ClipSpec, Normalizer, crop_params
-    from loaders.pyav import crop_clip
-    with av.open(path) as c:
-        frames = list(c.decode(video=0))
-    spec = ClipSpec(tau=tau, alpha=alpha, slow_frames=slow_frames)
-    ids = spec.frame_ids(spec.starts(len(frames), train=False)[0], len(frames))
-    picked = [frames[i] for i in ids]
-    crop = crop_params(picked[0].height, picked[0].width, crop_size, train=False)
-    raw = crop_clip(picked, crop, crop_size)                      # uint8 [3, T, S, S]
-    clip = Normalizer(alpha, True, "cpu")(raw[None], None, {})
-    return clip["slow"], clip["fast"], raw
-
-
-def overlay_png(raw: torch.Tensor, heats: dict[str, torch.Tensor], path: Path, title: str) -> None:
-    """raw uint8 [3, T, S, S] frames; heats {row label: [T', h, w]} -> the frames,
-    then one row per map over them (each map scaled to its own min..max)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch.nn.functional as F
-    T = raw.shape[1]
-    size = raw.shape[-1]
-    show = list(range(0, T, max(1, T // 8)))[:8]
-    fig, axes = plt.subplots(1 + len(heats), len(show), figsize=(2 * len(show), 2.1 * (1 + len(heats)) + 0.3))
-    axes = np.atleast_2d(axes)
-    for j, t in enumerate(show):
-        axes[0, j].imshow(raw[:, t].permute(1, 2, 0).numpy())
-        axes[0, j].set_title(f"frame {t}", fontsize=8)
-    for i, (label, heat) in enumerate(heats.items(), start=1):
-        up = F.interpolate(heat[None, None].float(), size=(T, size, size), mode="trilinear",
-                           align_corners=False)[0, 0]
-        lo, hi = float(up.min()), float(up.max())
-        up = (up - lo) / max(hi - lo, 1e-6)
-        for j, t in enumerate(show):
-            axes[i, j].imshow(raw[:, t].permute(1, 2, 0).numpy())
-            axes[i, j].imshow(up[t].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-        axes[i, 0].set_title(f"{label} ({lo:.2f}..{hi:.2f})", fontsize=8, loc="left")
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def write_icm_pngs(model: VTHCL, cfg: dict, video: str, out: Path, name: str = "icm") -> list[Path]:
-    """One PNG per level for the centre clip of ``video``: the frames, the fast
-    map against the slow clip's embedding, the slow map against the fast one's."""
-    slow, fast, raw = clip_from_video(video, cfg["tau"], cfg["alpha"], cfg["slow_frames"], cfg["crop_size"])
-    maps = icm(model, slow, fast)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for lvl, m in maps.items():
-        path = out / f"{name}_{lvl}.png"
-        overlay_png(raw, {"fast map x slow embedding": m["fast"][0], "slow map x fast embedding": m["slow"][0]},
-                    path, f"ICM {lvl} — {Path(video).name} (red: hot)")
-        paths.append(path)
-    return paths
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vthcl.icm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="last.pt written by vthcl.train")
-    p.add_argument("--video", help="draw the maps of this video's centre clip (one PNG per level)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--score", type=int, default=0, metavar="K",
-                   help="score the maps on K synthetic videos per class (8 classes) against the actor's position: "
-                        "OUT/icm_score.json with actor_auc per level and pathway, for the checkpoint and for a "
-                        "random initialisation (seed --seed)")
-    p.add_argument("--seed", type=int, default=0)
-    ckpt.add_trust_flag(p)
-    args = p.parse_args(argv)
-    if not args.video and not args.score:
-        p.error("give --video, --score or both")
-    model, cfg = ckpt.or_exit("vthcl.icm", load_model, args.checkpoint, trust=bool(args.trust_checkpoint))
-    out = Path(args.out)
-    if args.video:
-        for path in write_icm_pngs(model, cfg, args.video, out):
-            print(path)
-    if args.score:
-        result = score_checkpoint(model, cfg, args.score, args.seed)
-        result["checkpoint"] = args.checkpoint
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "icm_score.json").write_text(json.dumps(result, indent=1))
-        print(json.dumps(result, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
