@@ -47,7 +47,8 @@ import numpy as np
 from benchmarks.common import failure, lengthened, progress, ratio, summarize, write_result
 from benchmarks.loader import _pack, _rate_dali_decode_only, _rate_loader
 from loaders import build_loader
-from loaders.common import ClipSpec, resolve_shards
+from loaders.sampling import ClipSpec
+from loaders.shards import resolve_shards
 from loaders.fragments import FRAGMENT_MEMBERS, Fragments
 
 POSITIONS = (0, 272, 544, 816, 1136)  # window starts in a 1200-frame member (the last valid one: 1136)

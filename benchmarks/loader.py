@@ -35,7 +35,8 @@ import torch
 from benchmarks import references
 from benchmarks.common import cores, lengthened, ratio, repeat_rates, replicate, video_files, write_result
 from loaders import build_loader
-from loaders.common import ClipSpec, resolve_shards
+from loaders.sampling import ClipSpec
+from loaders.shards import resolve_shards
 
 BATCH = 8  # clips per batch on a CPU
 GPU_BATCH = 32  # on cuda: the paper's per-GPU batch (256 on 8 GPUs)

@@ -9,13 +9,15 @@ Backends: ``"dali"`` (GPU decode with device="cuda"; DALI's CPU decoder for
 VP9/MJPEG shards with device="cpu"), ``"pyav"`` (CPU workers), ``"ffcv"`` (a
 .beton of JPEG frames written by ``shard_tools/make_ffcv.py``; the ffcv
 extra), ``"synthetic"`` (random tensors from memory: the upper bound for
-benchmarks). See :mod:`loaders.common` for the contract. Every loader also
+benchmarks). See :mod:`loaders.contract` for the contract. Every loader also
 has ``num_videos`` (memory-bank rows: the manifest's video count), ``len``,
 ``set_epoch`` and ``stats``.
 """
 from __future__ import annotations
 
-from loaders.common import MEAN, STD, ClipSpec, Shards, resolve_shards
+from loaders.contract import MEAN, STD
+from loaders.sampling import ClipSpec
+from loaders.shards import Shards, resolve_shards
 
 BACKENDS = ("dali", "pyav", "ffcv", "synthetic")
 

@@ -16,7 +16,7 @@
       -> slow = fast[:, :, ::alpha] (a strided copy on the device; with
          independent crops the slow frames get their own crop in the graph)
 
-The sampling rules are those of :mod:`loaders.common` (same window, same
+The sampling rules are those of :mod:`loaders.sampling` (same window, same
 evaluation crop as the PyAV backend); random draws come from DALI's own
 generators seeded by ``seed`` and ``rank``.
 
@@ -38,10 +38,16 @@ import warnings
 import numpy as np
 import torch
 
-from loaders.common import H264_LIKE, MEAN, STD, ClipSpec, LoaderStats, Shards, Timer, rank_indices, scale_range
+from loaders.contract import MEAN, STD
+from loaders.ranks import rank_indices
+from loaders.sampling import ClipSpec, scale_range
+from loaders.shards import Shards
+from loaders.state import LoaderStats, Timer
 from loaders.fragments import FRAGMENT_MEMBERS
 
 VIEW_CUTS = ("each", "cover")
+# codecs DALI's CPU video decoder cannot read (it reads VP8, VP9 and MJPEG): NVDEC only
+H264_LIKE = {"h264", "hevc", "h265", "mpeg4", "av1"}
 
 
 def _first_codec(shards: Shards) -> str | None:
@@ -166,7 +172,7 @@ class DALILoader:
 
     # ------------------------------------------------------------------ graph
     def _crop(self, frames, fn, types, dmath, crop_idx: int = 1):
-        """crop_params of loaders.common, in DALI ops: the square at (y0, x0)
+        """crop_params of loaders.sampling, in DALI ops: the square at (y0, x0)
         of the frames resized to short side S, flipped, normalised."""
         shape = frames.shape()
         h = fn.cast(shape[1], dtype=types.FLOAT)

@@ -33,10 +33,10 @@ and run. One ``ffcv.Loader`` is compiled per loader, once. Order:
 QUASI_RANDOM in training (page-local shuffling, for datasets larger than
 RAM) with ``os_cache=False``; RANDOM with ``os_cache=True``; sequential in
 evaluation. Ranks read contiguous ranges of the file (the rotation of
-:func:`loaders.common.rank_indices`), because FFCV's QUASI_RANDOM has no
+:func:`loaders.ranks.rank_indices`), because FFCV's QUASI_RANDOM has no
 ``distributed=True``.
 
-Spatial sampling follows :func:`loaders.common.crop_params` (the same
+Spatial sampling follows :func:`loaders.sampling.crop_params` (the same
 distribution, drawn from the hash: a short side in [8/7, 10/7]·crop, a crop,
 a coin-flip mirror; the centre at 8/7 in evaluation): the frame is resized
 whole, then cropped, as in the PyAV
@@ -67,8 +67,10 @@ from ffcv.reader import Reader
 from ffcv.traversal_order import QuasiRandom
 from ffcv.traversal_order.base import TraversalOrder
 
-from loaders.common import ClipSpec, EpochState, LoaderStats, Normalizer, Timer, rank_indices, scale_range, \
-    scaled_size
+from loaders.batching import Normalizer
+from loaders.ranks import rank_indices
+from loaders.sampling import ClipSpec, scale_range, scaled_size
+from loaders.state import EpochState, LoaderStats, Timer
 
 ORDERS = ("quasi_random", "random", "sequential")
 
@@ -263,7 +265,7 @@ class ClipDecoder(_VideoOp):
 # --------------------------------------------------------------------------- order
 class _RankOrder(TraversalOrder):
     """This rank's samples for the owner's current epoch (the rotation of
-    :func:`loaders.common.rank_indices`, with its padded repeat), in FFCV's
+    :func:`loaders.ranks.rank_indices`, with its padded repeat), in FFCV's
     QUASI_RANDOM order (page-local), a seeded permutation, or as stored;
     minus what a resumed epoch has already consumed. FFCV calls an order
     *instance* with the loader."""

@@ -38,8 +38,11 @@ import webdataset as wds
 from av.video.reformatter import VideoReformatter
 from webdataset import tariterators
 
-from loaders.common import (ClipSpec, Crop, EpochState, LoaderStats, Normalizer, Shards, Timer, crop_params,
-                            rank_indices, sample_rng)
+from loaders.batching import Normalizer
+from loaders.ranks import rank_indices
+from loaders.sampling import ClipSpec, Crop, crop_params, sample_rng
+from loaders.shards import Shards
+from loaders.state import EpochState, LoaderStats, Timer
 from loaders.fragments import FRAGMENT_MEMBERS, Fragments
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")

@@ -10,7 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loaders.common import ClipSpec, EpochState, LoaderStats, Normalizer, rank_indices, sample_rng
+from loaders.batching import Normalizer
+from loaders.ranks import rank_indices
+from loaders.sampling import ClipSpec, sample_rng
+from loaders.state import EpochState, LoaderStats
 
 
 class SyntheticLoader(EpochState):

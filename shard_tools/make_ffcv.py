@@ -131,7 +131,7 @@ def convert(shards_src: str, out: str, quality: int, workers: int, quiet: bool, 
     """Convert packed shards to ``out``; returns the number of videos written."""
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
-    from loaders.common import resolve_shards
+    from loaders.shards import resolve_shards
     from loaders.ffcv import JPEGVideoField
     shards = resolve_shards(shards_src)
     spool_path, records = out + ".spool", []

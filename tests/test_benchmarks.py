@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import references
 from benchmarks.shards import bare_transcode
-from loaders.common import ClipSpec
+from loaders.sampling import ClipSpec
 
 
 def test_references_decode_the_clip(videos):

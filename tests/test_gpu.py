@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from loaders import build_loader
-from loaders.common import ClipSpec
+from loaders.sampling import ClipSpec
 from tests.test_core import TRAIN, _train
 from tests.test_loaders import KEYS, check_exact, check_long_windows, corrupt_copy, long_numbers
 

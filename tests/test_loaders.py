@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from loaders import build_loader
-from loaders.common import ClipSpec, Normalizer, rank_indices
+from loaders.batching import Normalizer
+from loaders.ranks import rank_indices
+from loaders.sampling import ClipSpec
 from shard_tools.wds_index import write_index
 from tests import media
 
@@ -158,7 +160,7 @@ def test_crop_clip_resizes_only_the_window_on_the_whole_frame_grid():
     differences)."""
     import av
     import torch.nn.functional as F
-    from loaders.common import Crop
+    from loaders.sampling import Crop
     from loaders.pyav import crop_clip
     g = torch.Generator().manual_seed(0)
     coarse = torch.randint(0, 256, (3, 3, 6, 8), generator=g).float()
@@ -250,7 +252,7 @@ def test_dali_crop_resizes_only_the_window_on_the_whole_frame_grid(vp9_shards):
     """loaders.dali.resized_crop (a resize of the source window the square
     reads) gives the square of the whole-frame resize, shrinking and enlarging."""
     from nvidia.dali import fn, pipeline_def, types
-    from loaders.common import resolve_shards
+    from loaders.shards import resolve_shards
     from loaders.dali import resized_crop
     found = resolve_shards(str(vp9_shards))
     cases = [(100.0, 7.0, 30.0, 64), (160.0, 33.0, 5.0, 96), (150.0, 0.0, 41.0, 128)]  # short side, y0, x0, size

@@ -37,11 +37,12 @@ def score_checkpoint(model: VTHCL, cfg: dict, per_class: int, seed: int = 0, cla
 def synthetic_clips(per_class: int, classes: int, cfg: dict, seed: int = 10_000):
     """Evaluation clips of the synthetic tempo videos (shard_tools.make_synthetic),
     rendered with their actor masks: the centre window, sampled and cropped as
-    at evaluation (loaders.common.crop_params), normalised by the loaders'
+    at evaluation (loaders.sampling.crop_params), normalised by the loaders'
     Normalizer. Seeds from ``seed`` on, apart from the ones make_synthetic uses
     for its sets."""
     import torch.nn.functional as F
-    from loaders.common import ClipSpec, Normalizer, crop_params
+    from loaders.batching import Normalizer
+    from loaders.sampling import ClipSpec, crop_params
     from shard_tools.make_synthetic import class_names, render
     spec = ClipSpec(tau=cfg["tau"], alpha=cfg["alpha"], slow_frames=cfg["slow_frames"])
     size = cfg["crop_size"]
@@ -71,7 +72,8 @@ def load_model(checkpoint: str, device: str = "cpu", trust: bool = False) -> tup
 def clip_from_video(path: str, tau: int, alpha: int, slow_frames: int, crop_size: int):
     """The centre window of a video file, centre-cropped, normalised: (slow, fast, uint8 fast frames)."""
     import av
-    from loaders.common import ClipSpec, Normalizer, crop_params
+    from loaders.batching import Normalizer
+    from loaders.sampling import ClipSpec, crop_params
     from loaders.pyav import crop_clip
     with av.open(path) as c:
         frames = list(c.decode(video=0))
