@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -187,9 +188,142 @@ def train_step(forward, bank, optimizer, scaler, batch: dict, amp_dtype=None):
     return loss.detach(), per_level.detach(), True
 
 
+@dataclass
+class State:
+    """Everything a step changes and a checkpoint holds."""
+    model: VTHCL
+    bank: MemoryBank
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loader: object
+    lr: float
+    step: int = 0
+    epoch: int = 0
+    nonfinite: int = 0
+
+
+def build(cfg, rank: int, world: int, device) -> State:
+    """The loader, the model, its banks, the optimizer and the schedule (in this
+    order: it is the order of their random draws, which a resumed run replays)."""
+    if cfg.backend != "synthetic" and not cfg.data:
+        raise SystemExit("vthcl.train: --data SHARDS is required (or --backend synthetic)")
+    try:
+        loader = make_loader(cfg, rank, world, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"vthcl.train: error: {e}") from None
+    if len(loader) == 0:
+        raise SystemExit(f"vthcl.train: error: no batches in {cfg.data}")
+    model = VTHCL(cfg.arch, cfg.width, cfg.levels, input=cfg.input).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    bank_cls = ShardedMemoryBank if cfg.shard_banks else MemoryBank
+    bank = bank_cls(loader.num_videos, cfg.levels, model.dim, cfg.num_negatives, cfg.temperature, cfg.bank_momentum,
+                    cfg.level_weights, torch.bfloat16 if cfg.bank_dtype == "bf16" else torch.float32,
+                    cfg.positive, seed=cfg.seed).to(device)
+    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 256  # linear scaling
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * len(loader))  # half cosine
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    return State(model, bank, optimizer, scheduler, scaler, loader, lr)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(s: State, cfg, out: Path, rank: int, world: int) -> None:
+    """``out/last.pt`` (rank 0: everything to resume exactly; tensors and plain
+    values only) and ``out/slow_encoder.pt``; with sharded banks every rank
+    also writes its own rows and generator, ``out/bank_rank{r}.pt``."""
+    rngs = [ckpt.rng_state()]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, ckpt.rng_state())
+    banks = {"bank": s.bank.state_dict(), "bank_generator": s.bank.generator.get_state()}
+    sharded = cfg.shard_banks and world > 1
+    if sharded:
+        ckpt.save({**banks, "rank": rank, "world": world, "step": s.step}, out / f"bank_rank{rank}.pt")
+    if rank != 0:
+        return
+    ckpt.save({"model": s.model.state_dict(), **(banks if not sharded else {"bank": None}),
+               "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+               "scaler": s.scaler.state_dict(), "step": s.step, "nonfinite": s.nonfinite,
+               "loader": s.loader.state_dict(), "rng": rngs, "config": vars(cfg), "num_videos": s.bank.num_videos},
+              out / "last.pt")
+    ckpt.save(s.model.slow.state_dict(), out / "slow_encoder.pt")
+
+
+def load_checkpoint(s: State, cfg, out: Path, rank: int, world: int, device) -> bool:
+    """Resume ``s`` from ``out/last.pt`` (and this rank's bank_rank{r}.pt with
+    sharded banks): model, banks and their generator, optimizer, schedule,
+    scaler, step, the loader's place in its epoch and this rank's RNG
+    states. False if there is no checkpoint."""
+    if not (out / "last.pt").exists():
+        return False
+    sharded = cfg.shard_banks and world > 1
+    try:
+        ck = ckpt.or_exit("vthcl.train", ckpt.load, out / "last.pt", device, trust=cfg.trust_checkpoint)
+        own = ckpt.or_exit("vthcl.train", ckpt.load, out / f"bank_rank{rank}.pt", device,
+                           trust=cfg.trust_checkpoint) if sharded else ck
+    except FileNotFoundError as e:
+        raise SystemExit(f"vthcl.train: error: {e}") from None
+    if sharded and (own.get("world") != world or own.get("step") != ck["step"]):
+        raise SystemExit(f"vthcl.train: error: {out / f'bank_rank{rank}.pt'} holds the bank rows of step "
+                         f"{own.get('step')} of a {own.get('world')}-rank run, not of step {ck['step']} on "
+                         f"{world} ranks: sharded banks resume on the same number of ranks")
+    s.model.load_state_dict(ck["model"])
+    s.bank.load_state_dict(own["bank"])
+    s.bank.generator.set_state(own["bank_generator"])
+    s.optimizer.load_state_dict(ck["optimizer"])
+    s.scheduler.load_state_dict(ck["scheduler"])
+    s.scaler.load_state_dict(ck["scaler"])
+    s.step, s.nonfinite = ck["step"], ck.get("nonfinite", 0)
+    s.loader.load_state_dict(ck["loader"])
+    s.epoch = ck["loader"]["epoch"]
+    ckpt.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+    return True
+
+
+# ---------------------------------------------------------------------------- logging
+class Log:
+    """Rank 0's record of a run: ``metrics.jsonl`` (a JSON line per logged
+    step), TensorBoard scalars and a progress bar; nothing on other ranks."""
+
+    def __init__(self, cfg, out: Path, main_rank: bool, first_step: int, max_steps: int):
+        self.main = main_rank
+        self.metrics = open(out / "metrics.jsonl", "a" if cfg.resume else "w") if main_rank else None
+        self.writer = self.bar = None
+        if main_rank and cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out / "tb"))
+        if main_rank and cfg.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=max_steps, initial=first_step, unit="step", dynamic_ncols=True)
+
+    def say(self, text: str) -> None:
+        if self.main:
+            print(f"vthcl.train: {text}", file=sys.stderr)
+
+    def step(self, record: dict | None, loss: float, epoch: int) -> None:
+        """One step done; ``record`` (a logged step's figures) goes to the file and TensorBoard."""
+        if record and self.metrics:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+            if self.writer:
+                for k, v in record.items():
+                    if k not in ("step", "epoch"):
+                        self.writer.add_scalar(f"train/{k}", v, record["step"])
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch)
+
+    def close(self) -> None:
+        for thing in (self.bar, self.writer, self.metrics):
+            if thing:
+                thing.close()
+
+
+# ---------------------------------------------------------------------------- the loop
 def train(cfg) -> dict:
     rank, world, device = setup_distributed(cfg)
-    main_rank = rank == 0
     out = Path(cfg.out)
     if cfg.precision is None:
         cfg.precision = "bf16" if device.type == "cuda" else "fp32"
@@ -198,149 +332,57 @@ def train(cfg) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     seed_everything(cfg.seed + rank)
-    if cfg.backend != "synthetic" and not cfg.data:
-        raise SystemExit("vthcl.train: --data SHARDS is required (or --backend synthetic)")
-    try:
-        loader = make_loader(cfg, rank, world, device)
-        n = loader.num_videos
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"vthcl.train: error: {e}") from None
-    if len(loader) == 0:
-        raise SystemExit(f"vthcl.train: error: no batches in {cfg.data}")
-
-    model = VTHCL(cfg.arch, cfg.width, cfg.levels, input=cfg.input).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    bank_cls = ShardedMemoryBank if cfg.shard_banks else MemoryBank
-    bank = bank_cls(n, cfg.levels, model.dim, cfg.num_negatives, cfg.temperature, cfg.bank_momentum,
-                    cfg.level_weights, torch.bfloat16 if cfg.bank_dtype == "bf16" else torch.float32,
-                    cfg.positive, seed=cfg.seed).to(device)
-    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 256
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)  # half cosine to 0
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    s = build(cfg, rank, world, device)
+    ddp = torch.nn.parallel.DistributedDataParallel(s.model) if world > 1 else s.model
     forward = torch.compile(ddp) if cfg.compile else ddp
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-
-    step, epoch, nonfinite_total = 0, 0, 0
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "last.pt"
-    sharded = cfg.shard_banks and world > 1  # every rank keeps (and checkpoints) its own bank rows
-    if cfg.resume and ckpt_path.exists():
-        try:
-            ck = ckpt.or_exit("vthcl.train", ckpt.load, ckpt_path, device, trust=cfg.trust_checkpoint)
-            own = ckpt.or_exit("vthcl.train", ckpt.load, out / f"bank_rank{rank}.pt", device,
-                               trust=cfg.trust_checkpoint) if sharded else ck
-        except FileNotFoundError as e:
-            raise SystemExit(f"vthcl.train: error: {e}") from None
-        if sharded and (own.get("world") != world or own.get("step") != ck["step"]):
-            raise SystemExit(f"vthcl.train: error: {out / f'bank_rank{rank}.pt'} holds the bank rows of step "
-                             f"{own.get('step')} of a {own.get('world')}-rank run, not of step {ck['step']} on "
-                             f"{world} ranks: sharded banks resume on the same number of ranks")
-        model.load_state_dict(ck["model"])
-        bank.load_state_dict(own["bank"])
-        bank.generator.set_state(own["bank_generator"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        step, nonfinite_total = ck["step"], ck.get("nonfinite", 0)
-        loader.load_state_dict(ck["loader"])
-        epoch = ck["loader"]["epoch"]
-        ckpt.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
-    elif cfg.resume and main_rank:
+    if cfg.resume and not load_checkpoint(s, cfg, out, rank, world, device) and rank == 0:
         print(f"vthcl.train: no checkpoint in {out}, starting afresh", file=sys.stderr)
-    max_steps = min(cfg.max_steps or total_steps, total_steps)
+    steps_per_epoch = len(s.loader)
+    max_steps = min(cfg.max_steps or cfg.epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
+    log = Log(cfg, out, rank == 0, s.step, max_steps)
+    log.say(f"{s.bank.num_videos} videos, {world} rank(s) x batch {cfg.batch_size // world}, {steps_per_epoch} "
+            f"steps/epoch, {max_steps} steps, lr {s.lr:g}, {cfg.precision}, N={s.bank.num_negatives}")
 
-    def checkpoint():
-        rngs = [ckpt.rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, ckpt.rng_state())
-        banks = {"bank": bank.state_dict(), "bank_generator": bank.generator.get_state()}
-        if sharded:  # every rank writes its own rows and negative generator
-            ckpt.save({**banks, "rank": rank, "world": world, "step": step}, out / f"bank_rank{rank}.pt")
-        if not main_rank:
-            return
-        ckpt.save({"model": model.state_dict(), **(banks if not sharded else {"bank": None}),
-                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "scaler": scaler.state_dict(), "step": step, "nonfinite": nonfinite_total,
-                   "loader": loader.state_dict(), "rng": rngs, "config": vars(cfg), "num_videos": n},
-                  ckpt_path)
-        ckpt.save(model.slow.state_dict(), out / "slow_encoder.pt")
-
-    writer = None
-    if main_rank and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"))
-    metrics = open(out / "metrics.jsonl", "a" if cfg.resume else "w") if main_rank else None
-    bar = None
-    if main_rank and cfg.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True)
-    if main_rank:
-        print(f"vthcl.train: {n} videos, {world} rank(s) x batch {cfg.batch_size // world}, {steps_per_epoch} "
-              f"steps/epoch, {max_steps} steps, lr {lr:g}, {cfg.precision}, N={bank.num_negatives}",
-              file=sys.stderr)
-
-    consecutive_nonfinite = 0
-    last = {}
-    model.train()
-    while step < max_steps and epoch < cfg.epochs:
-        loader.set_epoch(epoch)
-        t_prev = time.perf_counter()
-        wait_before = loader.stats.wait_s
-        for batch in loader:
-            wait = loader.stats.wait_s - wait_before
+    consecutive_nonfinite, last = 0, {}
+    s.model.train()
+    while s.step < max_steps and s.epoch < cfg.epochs:
+        s.loader.set_epoch(s.epoch)
+        t_prev, wait_before = time.perf_counter(), s.loader.stats.wait_s
+        for batch in s.loader:
+            wait = s.loader.stats.wait_s - wait_before
             if cfg.color_jitter:  # independent draws for the two clips, reproducible per step and rank
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + s.step * world + rank)
                 batch["slow"] = color_jitter(batch["slow"], cfg.color_jitter, gen)
                 batch["fast"] = color_jitter(batch["fast"], cfg.color_jitter, gen)
-            slow = batch["slow"]
-            loss, per_level, finite = train_step(forward, bank, optimizer, scaler, batch, amp_dtype)
-            scheduler.step()
-            step += 1
-            if finite:
-                consecutive_nonfinite = 0
-            else:
-                nonfinite_total += 1
-                consecutive_nonfinite += 1
-                if consecutive_nonfinite >= cfg.max_nonfinite:
-                    raise SystemExit(f"vthcl.train: {consecutive_nonfinite} non-finite losses in a row at step "
-                                     f"{step}: stopping (lower --lr, or try --precision fp32)")
+            loss, per_level, finite = train_step(forward, s.bank, s.optimizer, s.scaler, batch, amp_dtype)
+            s.scheduler.step()
+            s.step += 1
+            consecutive_nonfinite = 0 if finite else consecutive_nonfinite + 1
+            s.nonfinite += not finite
+            if consecutive_nonfinite >= cfg.max_nonfinite:
+                raise SystemExit(f"vthcl.train: {consecutive_nonfinite} non-finite losses in a row at step "
+                                 f"{s.step}: stopping (lower --lr, or try --precision fp32)")
             now = time.perf_counter()
-            dt, t_prev = now - t_prev, now
-            wait_before = loader.stats.wait_s
-            if main_rank and (step % cfg.log_every == 0 or step == max_steps):
-                last = {"step": step, "epoch": epoch, "loss": loss.item(),
-                        **{f"loss_{name}": float(v) for name, v in zip(model.level_names, per_level.detach())},
-                        "lr": optimizer.param_groups[0]["lr"], "clips_per_s": slow.shape[0] * world / dt,
-                        "data_wait": min(1.0, wait / dt), "nonfinite": nonfinite_total}
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
-                if writer:
-                    for k, v in last.items():
-                        if k not in ("step", "epoch"):
-                            writer.add_scalar(f"train/{k}", v, step)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
-            if step % cfg.ckpt_every == 0 or step >= max_steps:
-                checkpoint()
-            if step >= max_steps:
+            dt, t_prev, wait_before = now - t_prev, now, s.loader.stats.wait_s
+            record = None
+            if rank == 0 and (s.step % cfg.log_every == 0 or s.step == max_steps):
+                record = last = {
+                    "step": s.step, "epoch": s.epoch, "loss": loss.item(),
+                    **{f"loss_{name}": float(v) for name, v in zip(s.model.level_names, per_level.detach())},
+                    "lr": s.optimizer.param_groups[0]["lr"], "clips_per_s": batch["slow"].shape[0] * world / dt,
+                    "data_wait": min(1.0, wait / dt), "nonfinite": s.nonfinite}
+            log.step(record, loss.item(), s.epoch)
+            if s.step % cfg.ckpt_every == 0 or s.step >= max_steps:
+                save_checkpoint(s, cfg, out, rank, world)
+            if s.step >= max_steps:
                 break
         else:
-            epoch += 1
-            loader.set_epoch(epoch)
-            checkpoint()
-    if bar:
-        bar.close()
-    if writer:
-        writer.close()
-    if metrics:
-        metrics.close()
+            s.epoch += 1
+            s.loader.set_epoch(s.epoch)
+            save_checkpoint(s, cfg, out, rank, world)
+    log.close()
     if dist.is_initialized():
         dist.barrier()
     return last
