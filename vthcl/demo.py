@@ -112,6 +112,22 @@ ICM_TEXT = (
     "random heads; pretraining is what should make the instance hot.")
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def write_report(out: Path, title: str, blocks: list[str], icm_pngs: list[Path]) -> None:
+    """The demo's one report writer: ``OUT/report.md`` = the title, the
+    markdown blocks (paragraphs, tables, sections) in order, then the ICM
+    PNGs; every run and preset writes its report through it."""
+    lines = [f"# {title}", ""]
+    for block in blocks:
+        lines += [block, ""]
+    lines += [f"![{p.stem}]({p.name})" for p in icm_pngs]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
 def icm_table(scores: dict[str, dict]) -> str:
     """{column: {level: {pathway: auc}}} -> a markdown table, one row per level and pathway."""
     first = next(iter(scores.values()))
@@ -208,29 +224,24 @@ def run_signal(out: Path, seed: int = 0, levels: int = 3, preset: str = "signal"
     (out / "results.json").write_text(json.dumps(results, indent=1))
     heads = {"pretrained": f"VTHCL alpha=2, D={levels}", "alpha1": f"VTHCL alpha=1, D={levels}",
              "levels1": "VTHCL alpha=2, D=1", "random": "random init"}
-    rows = ["| evaluation | " + " | ".join(heads[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
-    for metric, label in (("linear", "linear probe"), ("knn", "kNN (k=20)")):
-        rows.append(f"| {label}, mean of {len(seeds)} seeds | "
-                    + " | ".join(f"{results[metric][n]:.1f}" for n in names) + " |")
-    for s, r in seeds.items():
-        rows.append(f"| seed {s}: linear / kNN | "
-                    + " | ".join(f"{r[n]['linear']:.1f} / {r[n]['knn']:.1f}" for n in names) + " |")
-    table = "\n".join(rows)
+    rows = [[f"{label}, mean of {len(seeds)} seeds", *(f"{results[metric][n]:.1f}" for n in names)]
+            for metric, label in (("linear", "linear probe"), ("knn", "kNN (k=20)"))]
+    rows += [[f"seed {s}: linear / kNN", *(f"{r[n]['linear']:.1f} / {r[n]['knn']:.1f}" for n in names)]
+             for s, r in seeds.items()]
+    table = markdown_table(["evaluation", *(heads[n] for n in names)], rows)
     goals = "\n".join(f"- {k}: {'met' if v else 'NOT met'}" for k, v in results["goals"].items())
     loss_curve(out / f"seed{seed}_alpha2" / "metrics.jsonl", out / "loss.png")
-    (out / "report.md").write_text(
-        f"# VTHCL demo report — preset `{preset}`\n\n"
+    write_report(out, f"VTHCL demo report — preset `{preset}`", [
         f"Synthetic tempo dataset: {p['videos']} videos, 8 classes; R18 (width 16), 56-pixel crops, "
         f"{p['epochs']} epochs per run, input `{p['input']}`, positive from the `{p['positive']}`, {levels} levels"
         + "".join(f", {k.replace('_', ' ')} {v}" for k, v in levers.items()) + "; "
         f"{len(seeds)} seeds. Top-1 accuracy in percent on the val split (chance 12.5). "
-        f"Time: {results['timing']['total_s']:.0f} s.\n\n{table}\n\n## Goals\n\n{goals}\n\n"
-        "Measured as is: the preset was not tuned to meet the goals.\n\n![loss](loss.png)\n\n"
-        f"## Instance Correspondence Maps ({video.name}, seed {seed}, alpha=2)\n\n{ICM_TEXT}\n\n"
-        + icm_table({"pretrained, mean of seeds": results["icm_actor_auc"]["pretrained"],
-                     "random init, mean of seeds": results["icm_actor_auc"]["random"],
-                     **{f"seed {s}": sc["pretrained"] for s, sc in icm_score.items()}})
-        + "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in icm_pngs) + "\n")
+        f"Time: {results['timing']['total_s']:.0f} s.",
+        table, "## Goals", goals, "Measured as is: the preset was not tuned to meet the goals.", "![loss](loss.png)",
+        f"## Instance Correspondence Maps ({video.name}, seed {seed}, alpha=2)", ICM_TEXT,
+        icm_table({"pretrained, mean of seeds": results["icm_actor_auc"]["pretrained"],
+                   "random init, mean of seeds": results["icm_actor_auc"]["random"],
+                   **{f"seed {s}": sc["pretrained"] for s, sc in icm_score.items()}})], icm_pngs)
     print(table)
     print(goals)
     return results
@@ -295,34 +306,29 @@ def run(out: Path, seed: int = 0, quick: bool = False, alpha: int = 2, levels: i
 
 
 def report(out: Path, results: dict, video: Path, icm_pngs: list) -> str:
+    """The default run's report (through write_report); returns its results table."""
     sf = results["single_frame_control"]
-    table = "\n".join([
-        "| evaluation | pretrained (VTHCL) | random init |",
-        "|---|---|---|",
-        f"| linear probe, clips | {results['linear']['pretrained']:.1f} | {results['linear']['random']:.1f} |",
-        f"| kNN (k=20), clips | {results['knn']['pretrained']:.1f} | {results['knn']['random']:.1f} |",
-        f"| linear probe, single frames (control) | {sf['linear']['pretrained']:.1f} | {sf['linear']['random']:.1f} |",
-        f"| kNN, single frames (control) | {sf['knn']['pretrained']:.1f} | {sf['knn']['random']:.1f} |",
-    ])
+    table = markdown_table(["evaluation", "pretrained (VTHCL)", "random init"], [
+        ["linear probe, clips", f"{results['linear']['pretrained']:.1f}", f"{results['linear']['random']:.1f}"],
+        ["kNN (k=20), clips", f"{results['knn']['pretrained']:.1f}", f"{results['knn']['random']:.1f}"],
+        ["linear probe, single frames (control)", f"{sf['linear']['pretrained']:.1f}", f"{sf['linear']['random']:.1f}"],
+        ["kNN, single frames (control)", f"{sf['knn']['pretrained']:.1f}", f"{sf['knn']['random']:.1f}"]])
     s, timing = results["settings"], results["timing"]
-    lines = [
-        "# VTHCL demo report", "",
+    blocks = [
         f"Synthetic tempo dataset: {s['videos']} videos, {s['classes']} classes (actor family x motion pattern), "
         f"seed {s['seed']}. Pretraining: R18 (stem width {s['width']}), {s['crop_size']}-pixel crops, "
         f"alpha={s['alpha']}, {s['levels']} level(s), {s['epochs']} epochs on the train split, `{s['input']}` "
         f"input, positive from the `{s['positive']}` (the paper: `rgb` input, positive from the `bank`; "
         f"`--paper` runs that); evaluation on the "
         f"val split. Top-1 accuracy in percent; chance is {results['chance']:.1f}. "
-        f"Time: {timing['total_s']:.0f} s ({timing['pretrain_s']:.0f} s pretraining).", "",
-        table, "",
-    ]
+        f"Time: {timing['total_s']:.0f} s ({timing['pretrain_s']:.0f} s pretraining).",
+        table]
     if "ablation" in results:
-        lines += ["## Ablation over alpha and levels (half as many epochs)", "",
-                  "| run | linear | kNN |", "|---|---|---|"]
-        lines += [f"| {k} | {v['linear']:.1f} | {v['knn']:.1f} |" for k, v in results["ablation"].items()]
-        lines.append("")
-    lines += [
-        "## What a 10-minute CPU run can and cannot show", "",
+        blocks += ["## Ablation over alpha and levels (half as many epochs)",
+                   markdown_table(["run", "linear", "kNN"], [[k, f"{v['linear']:.1f}", f"{v['knn']:.1f}"]
+                                                             for k, v in results["ablation"].items()])]
+    blocks += [
+        "## What a 10-minute CPU run can and cannot show",
         "It shows the whole system working end to end on real video files: packing, decoding the slow and fast "
         "clips of one window, pretraining with the hierarchical memory-bank loss (the loss curve below falls "
         "from its starting value of about levels x 2 x ln(N+1)), evaluation, and the Instance Correspondence "
@@ -335,17 +341,15 @@ def report(out: Path, results: dict, video: Path, icm_pngs: list) -> str:
         "repeated frame is all zeros: those rows sit at chance by construction). Residual frames remove the "
         "static background, the easiest shortcut for telling one synthetic video from another, so what the "
         "encoder can learn is the moving actor. `--preset signal` measures the effect over 3 seeds; for the "
-        "paper's numbers, pretrain on Kinetics-400 on GPUs (see the README).", "",
-        "## Pretraining loss", "", "![loss](loss.png)", "",
-        f"## Instance Correspondence Maps ({video.name})", "", ICM_TEXT, "",
+        "paper's numbers, pretrain on Kinetics-400 on GPUs (see the README).",
+        "## Pretraining loss", "![loss](loss.png)",
+        f"## Instance Correspondence Maps ({video.name})", ICM_TEXT,
         icm_table({"pretrained": results["icm_actor_auc"]["pretrained"],
-                   "random init": results["icm_actor_auc"]["random"]}), "",
+                   "random init": results["icm_actor_auc"]["random"]}),
         f"Mean over the maps: {mean_auc(results['icm_actor_auc']['pretrained']):.2f} pretrained, "
         f"{mean_auc(results['icm_actor_auc']['random']):.2f} random init. How the maps change with longer "
-        "pretraining: `--preset signal-long` and `docs/icm/` in the repository.", "",
-    ]
-    lines += [f"![{p.stem}]({p.name})" for p in icm_pngs]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+        "pretraining: `--preset signal-long` and `docs/icm/` in the repository."]
+    write_report(out, "VTHCL demo report", blocks, icm_pngs)
     return table
 
 
