@@ -2,6 +2,7 @@
 
     python -m vthcl.eval linear|knn|retrieval|finetune --checkpoint CK --train SHARDS --val SHARDS --out DIR
         [--random-init] [--single-frame] [--epochs 100 --batch-size 64 --lr 0.1 --num-clips 10]
+        [--config configs/ucf101_finetune.yaml]
 
 * ``linear``: a linear classifier on frozen, globally pooled res5 features of
   the centre clip (standardised; full-batch L-BFGS with weight decay).
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from vthcl import checkpoint as ckpt
+from vthcl.config import yaml_options
 from vthcl.model import Pathway, slow_encoder_features
 
 
@@ -183,9 +185,12 @@ def evaluate(mode: str, encoder, cfg, train, val, single: bool = False, **option
     return retrieval(xtr, ytr, xva, yva)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line over the --config YAML (knobs: epochs, batch size, lr,
+    clips, crop, ...; the data, output and checkpoint stay on the command line)."""
     p = argparse.ArgumentParser(prog="vthcl.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=["linear", "knn", "retrieval", "finetune"])
+    p.add_argument("--config", help="YAML file of options, e.g. configs/ucf101_finetune.yaml (the command line wins)")
     p.add_argument("--checkpoint", help="last.pt or slow_encoder.pt of vthcl.train")
     p.add_argument("--train", required=True)
     p.add_argument("--val", required=True)
@@ -202,9 +207,18 @@ def main(argv=None) -> int:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     ckpt.add_trust_flag(p)
+    known, _ = p.parse_known_args(argv)
+    if known.config:  # the file's values become the defaults: what the command line gives still wins
+        knobs = {a.dest for a in p._actions} - {"help", "config", "mode", "checkpoint", "train", "val", "out"}
+        p.set_defaults(**yaml_options(known.config, knobs, "vthcl.eval"))
     args = p.parse_args(argv)
     if not args.checkpoint and not args.random_init:
         p.error("give --checkpoint, or --random-init for the untrained baseline")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     encoder, cfg = ckpt.or_exit("vthcl.eval", load_encoder, args.checkpoint, args.random_init, args.arch,
                                 args.width, args.seed, bool(args.trust_checkpoint))
     if args.crop_size:

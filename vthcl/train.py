@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from loaders import BACKENDS
 from vthcl import checkpoint as ckpt
+from vthcl.config import yaml_options
 from vthcl.memory import MemoryBank, ShardedMemoryBank
 from vthcl.model import VTHCL
 
@@ -90,16 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv=None) -> argparse.Namespace:
+    """DEFAULTS, then the --config YAML (``configs/``), then the command line."""
     args = build_parser().parse_args(argv)
     cfg = dict(DEFAULTS)
     if args.config:
-        import yaml
-        with open(args.config) as f:
-            loaded = yaml.safe_load(f) or {}
-        unknown = set(loaded) - set(cfg)
-        if unknown:
-            raise SystemExit(f"vthcl.train: unknown keys in {args.config}: {sorted(unknown)}")
-        cfg.update(loaded)
+        cfg.update(yaml_options(args.config, cfg, "vthcl.train"))
     cfg.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
     return argparse.Namespace(**cfg)
 
