@@ -12,14 +12,9 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from loaders.system import atomic, cores
+
 PACKAGES = ["torch", "numpy", "av", "webdataset", "nvidia-dali-cuda120", "nvidia-dali-cuda130", "ffcv", "decord2"]
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
@@ -79,8 +74,7 @@ def lengthened(videos: Path, dest: Path, frames: int, short_side: int = 256, fir
             w, h = size or output_size(s.codec_context.width, s.codec_context.height, short_side)
             seq = [f.reformat(width=w, height=h, format="yuv420p").to_ndarray() for f in c.decode(s)]
         cycle = seq + seq[-2:0:-1] if len(seq) > 2 else seq
-        tmp = path.with_suffix(".tmp.mp4")
-        with av.open(str(tmp), "w") as out:
+        with atomic(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
             st = out.add_stream("libx264", rate=30)
             st.width, st.height, st.pix_fmt = w, h, "yuv420p"
             st.options = {"crf": "16", "preset": "ultrafast"}
@@ -91,7 +85,6 @@ def lengthened(videos: Path, dest: Path, frames: int, short_side: int = 256, fir
                     out.mux(packet)
             for packet in st.encode():
                 out.mux(packet)
-        os.replace(tmp, path)
     return sorted(made)
 
 

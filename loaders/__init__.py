@@ -18,6 +18,7 @@ from __future__ import annotations
 from loaders.contract import MEAN, STD
 from loaders.sampling import ClipSpec
 from loaders.shards import Shards, resolve_shards
+from loaders.system import cores
 
 BACKENDS = ("dali", "pyav", "ffcv", "synthetic")
 
@@ -41,17 +42,19 @@ def build_loader(shards, *, backend: str, batch_size: int, tau: int = 8, alpha: 
     "cover"ing all views), ``os_cache`` and ``order`` (ffcv), ``num_videos``
     (synthetic).
     """
-    import os
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     spec = ClipSpec(tau=tau, alpha=alpha, slow_frames=slow_frames)
     if num_workers is None:
-        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        num_workers = cores()
     common = dict(batch_size=batch_size, crop_size=crop_size, train=train, normalize=normalize, device=device,
                   rank=rank, world_size=world_size, seed=seed, channels_last=channels_last)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "synthetic":
         from loaders.synthetic import SyntheticLoader
         num_videos = options.pop("num_videos", None)
+        _check_options(backend, SyntheticLoader, options)
         if num_videos is None:
             if shards is None:
                 raise ValueError("synthetic backend: give shards or num_videos=")
@@ -61,15 +64,29 @@ def build_loader(shards, *, backend: str, batch_size: int, tau: int = 8, alpha: 
         raise ValueError(f"{backend} backend: shards are required")
     if backend == "ffcv":
         from loaders.ffcv import FFCVLoader
+        _check_options(backend, FFCVLoader, options)
         return FFCVLoader(shards, spec, num_workers=num_workers, **common, **options)
     resolved = resolve_shards(shards)
     if backend == "pyav":
         from loaders.pyav import PyAVLoader
+        _check_options(backend, PyAVLoader, options)
         return PyAVLoader(resolved, spec, num_workers=num_workers, **common, **options)
-    if backend == "dali":
-        from loaders.dali import DALILoader
-        return DALILoader(resolved, spec, num_threads=max(1, num_workers), **common, **options)
-    raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    from loaders.dali import DALILoader
+    _check_options(backend, DALILoader, options)
+    return DALILoader(resolved, spec, num_threads=max(1, num_workers), **common, **options)
+
+
+_COMMON = {"self", "shards", "path", "spec", "num_videos", "batch_size", "crop_size", "train", "normalize", "device",
+           "rank", "world_size", "seed", "channels_last", "num_workers", "num_threads"}
+
+
+def _check_options(backend: str, cls, options: dict) -> None:
+    """Every backend refuses options it does not take the same way: a TypeError naming them and what it takes."""
+    import inspect
+    takes = set(inspect.signature(cls.__init__).parameters) - _COMMON
+    unknown = sorted(set(options) - takes)
+    if unknown:
+        raise TypeError(f"{backend} backend: unknown options {unknown} (it takes {', '.join(sorted(takes))})")
 
 
 __all__ = ["build_loader", "BACKENDS", "ClipSpec", "Shards", "resolve_shards", "MEAN", "STD"]

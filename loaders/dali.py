@@ -125,9 +125,7 @@ class DALILoader:
                  normalize: bool, device: str, rank: int, world_size: int, num_threads: int, seed: int,
                  channels_last: bool, independent_crops: bool = False, num_clips: int = 1, num_crops: int = 1,
                  drop_last: bool = False, initial_fill: int = 256, prefetch_queue_depth: int = 2,
-                 device_id: int | None = None, window_cut: bool | None = None, view_cut: str = "each", **unused):
-        if unused:
-            raise TypeError(f"dali backend: unknown options {sorted(unused)}")
+                 device_id: int | None = None, window_cut: bool | None = None, view_cut: str = "each"):
         if view_cut not in VIEW_CUTS:
             raise ValueError(f"dali backend: view_cut must be one of {VIEW_CUTS}, not {view_cut!r}")
         self.num_clips, self.num_crops = (1, 1) if train else (num_clips, num_crops)

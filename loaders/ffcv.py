@@ -300,9 +300,7 @@ class FFCVLoader(EpochState):
     def __init__(self, path: str, spec: ClipSpec, *, batch_size: int, crop_size: int, train: bool, normalize: bool,
                  device: str, rank: int, world_size: int, num_workers: int, seed: int, channels_last: bool,
                  os_cache: bool = False, order: str | None = None, drop_last: bool = False, batches_ahead: int = 3,
-                 num_clips: int = 1, num_crops: int = 1, independent_crops: bool = False, **unused):
-        if unused:
-            raise TypeError(f"ffcv backend: unknown options {sorted(unused)}")
+                 num_clips: int = 1, num_crops: int = 1, independent_crops: bool = False):
         if (not train and num_clips * num_crops > 1) or independent_crops:
             raise ValueError("ffcv backend: multi-view evaluation and independent crops are not supported; "
                              "use the pyav or dali backend")

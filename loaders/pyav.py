@@ -340,10 +340,7 @@ class PyAVLoader(EpochState):
                  normalize: bool, device: str, rank: int, world_size: int, num_workers: int, seed: int,
                  channels_last: bool, independent_crops: bool = False, num_clips: int = 1, num_crops: int = 1,
                  shuffle_buffer: int = 256, chunk_size: int = 64, drop_last: bool = False,
-                 pin_memory: bool | None = None, decode_threads: int = 1, window_cut: bool | None = None,
-                 **unused):
-        if unused:
-            raise TypeError(f"pyav backend: unknown options {sorted(unused)}")
+                 pin_memory: bool | None = None, decode_threads: int = 1, window_cut: bool | None = None):
         self.shards, self.spec = shards, spec
         self.batch_size, self.crop_size, self.train = batch_size, crop_size, train
         self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed

@@ -17,10 +17,14 @@ from loaders.state import EpochState, LoaderStats
 
 
 class SyntheticLoader(EpochState):
+    """Random uint8 clips from memory with real indices and labels: the upper
+    bound for benchmarks. The slow clip is fast[:, :, ::alpha] either way:
+    ``independent_crops`` is taken (as every backend does) and changes nothing."""
+
     def __init__(self, num_videos: int, spec: ClipSpec, *, batch_size: int, crop_size: int, train: bool,
                  normalize: bool, device: str, rank: int, world_size: int, seed: int, channels_last: bool,
                  num_classes: int = 10, pool_batches: int = 2, num_frames: int = 300, drop_last: bool = False,
-                 **unused):
+                 independent_crops: bool = False):
         self.num_videos, self.spec, self.batch_size, self.train = num_videos, spec, batch_size, train
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
         self.num_frames, self.num_classes = num_frames, num_classes

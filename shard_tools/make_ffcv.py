@@ -36,7 +36,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np
 from tqdm import tqdm
 
-from shard_tools.make_shards import EXIT_FAILED, EXIT_OK, EXIT_USAGE, cores
+from loaders.system import atomic, cores
+from shard_tools.make_shards import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from shard_tools.make_shards import main as make_shards_main
 
 MIN_PAGE = 2 << 20  # FFCV's smallest page; a sample must fit in one page
@@ -153,12 +154,11 @@ def convert(shards_src: str, out: str, quality: int, workers: int, quiet: bool, 
         if pool is not None:
             pool.close()
         if records:
-            tmp = out + ".tmp"
             fields = {"video": JPEGVideoField(), "label": IntField(), "index": IntField()}
-            writer = DatasetWriter(tmp, fields, page_size=_page_size(max(r["size"] for r in records)),
-                                   num_workers=1)
-            writer.from_indexed_dataset(_Spool(spool_path, records))
-            os.replace(tmp, out)
+            with atomic(out) as tmp:
+                writer = DatasetWriter(str(tmp), fields, page_size=_page_size(max(r["size"] for r in records)),
+                                       num_workers=1)
+                writer.from_indexed_dataset(_Spool(spool_path, records))
     finally:
         if pool is not None:
             pool.terminate()

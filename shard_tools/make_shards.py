@@ -58,6 +58,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import webdataset as wds
 from tqdm import tqdm
 
+from loaders.system import atomic_write_text, cores
 from shard_tools.sources import Sample, UsageError, discover
 from shard_tools.transcode import BadVideo, EncodeSettings, transcode
 from shard_tools.wds_index import write_index
@@ -119,13 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _work(task: tuple[Sample, EncodeSettings]):
     sample, settings = task
     if sample.path is None:
@@ -137,15 +131,6 @@ def _work(task: tuple[Sample, EncodeSettings]):
         return sample, None, None, str(e)
     except Exception as e:  # anything unexpected is reported, never fatal to the run
         return sample, None, None, f"unexpected error: {type(e).__name__}: {e}"
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _mtime(path: str) -> float:
@@ -237,8 +222,8 @@ class ShardSet:
 
 
 def save_state(out: str, state: dict) -> None:
-    _atomic_write(os.path.join(out, STATE_FILE), json.dumps(state))
-    _atomic_write(os.path.join(out, "failed.jsonl"),
+    atomic_write_text(os.path.join(out, STATE_FILE), json.dumps(state))
+    atomic_write_text(os.path.join(out, "failed.jsonl"),
                   "".join(json.dumps({"source": f["source"], "reason": f["reason"]}, ensure_ascii=False) + "\n"
                           for f in state["failed"]))
 
@@ -290,8 +275,8 @@ def write_outputs(out: str, prefix: str, state: dict, classes: list[str], settin
         "member_format": MEMBER_FORMAT,
         "whole_member_samples": sum(s["whole_member"] for s in state["shards"]),
     }
-    _atomic_write(os.path.join(out, "classes.txt"), "".join(c + "\n" for c in classes))
-    _atomic_write(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1, ensure_ascii=False))
+    atomic_write_text(os.path.join(out, "classes.txt"), "".join(c + "\n" for c in classes))
+    atomic_write_text(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1, ensure_ascii=False))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -149,7 +149,8 @@ def make(out: Path, videos: int, classes: int, seed: int = 0, vp9: bool = False,
          size: int = 96, val_fraction: float = 0.25, workers: int | None = None, short_side: int = 64,
          quiet: bool = True) -> dict:
     """Write the videos, then pack OUT/train and OUT/val. Returns their manifest paths."""
-    from shard_tools.make_shards import cores, main as make_shards
+    from loaders.system import cores
+    from shard_tools.make_shards import main as make_shards
     names = class_names(classes)
     ext = "webm" if vp9 else "mp4"
     rng = np.random.default_rng(seed)

@@ -611,3 +611,11 @@ def test_dali_refuses_a_mix_of_old_and_new_shards(long_vp9, old_long_vp9, tmp_pa
     with pytest.raises(ValueError, match=r"train-000000.tar carries fragment tables.*train-000001.tar does not"):
         build_loader(str(tmp_path), backend="dali", batch_size=1, device="cpu")
     assert len(build_loader(str(tmp_path), backend="pyav", batch_size=1, device="cpu")) == 6  # per sample
+
+
+@pytest.mark.parametrize("backend,shards", [("pyav", "h264_shards"), ("dali", "vp9_shards"), ("synthetic", "h264_shards"),
+                                            pytest.param("ffcv", "real_beton", marks=FFCV)])
+def test_every_backend_refuses_unknown_options_the_same_way(backend, shards, request):
+    path = request.getfixturevalue(shards)
+    with pytest.raises(TypeError, match=rf"^{backend} backend: unknown options \['shuffle', 'spead'\] \(it takes .*drop_last"):
+        build_loader(str(path), backend=backend, batch_size=2, device="cpu", spead=1, shuffle=True)

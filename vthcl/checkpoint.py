@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loaders.system import atomic
+
 TRUST_FLAG = "--trust-checkpoint"
 
 
@@ -70,9 +72,8 @@ def or_exit(prog: str, load_fn, *args, **kwargs):
 
 def save(obj, path: Path) -> None:
     """``torch.save`` to a temporary name, then an atomic rename."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def rng_state() -> dict:

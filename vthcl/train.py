@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--level-weights", type=float, nargs="+", help="λ^k per level, res3 first (default: 1 each)")
     a("--bank-dtype", choices=["fp32", "bf16"])
     a("--shard-banks", action="store_true", default=None, help="each rank keeps n/world_size bank rows")
-    a("--positive", choices=["bank", "batch"], help="positive from the other bank (paper) or the other clip")
+    a("--positive", choices=["bank", "batch"],
+      help="positive from the other pathway's bank (the paper; the default) or, EXPERIMENTAL, the other clip's "
+           "current feature: it collapsed in every run on the demo data (docs/demo-signal-positive-batch)")
     a("--input", choices=["rgb", "residual"], help="RGB frames (paper) or residual frames (x[t] - x[t-1])")
     a("--precision", choices=["fp32", "bf16", "fp16"], help="autocast (default: bf16 on GPU, fp32 on CPU)")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None)
