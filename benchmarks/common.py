@@ -61,6 +61,7 @@ def lengthened(videos: Path, dest: Path, frames: int, short_side: int = 256, fir
     or longer videos made from the real ones (``first``: only the first so
     many). Made once; returns them sorted."""
     import av
+
     from shard_tools.transcode import output_size
     dest.mkdir(parents=True, exist_ok=True)
     made = []

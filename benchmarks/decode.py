@@ -47,9 +47,9 @@ import numpy as np
 from benchmarks.common import failure, lengthened, progress, ratio, summarize, write_result
 from benchmarks.loader import _pack, _rate_dali_decode_only, _rate_loader
 from loaders import build_loader
+from loaders.fragments import FRAGMENT_MEMBERS, Fragments
 from loaders.sampling import ClipSpec
 from loaders.shards import resolve_shards
-from loaders.fragments import FRAGMENT_MEMBERS, Fragments
 
 POSITIONS = (0, 272, 544, 816, 1136)  # window starts in a 1200-frame member (the last valid one: 1136)
 
@@ -135,6 +135,7 @@ def _position_rates(data: bytes, frags: Fragments, start: int, n: int, cut: bool
     backend's cut (``loaders.dali.cut_to_window``) or the whole member: one
     rate per block of ``runs`` batches, ``blocks`` blocks on one pipeline."""
     from nvidia.dali import fn, pipeline_def, types
+
     from loaders.dali import cut_to_window
     spec = ClipSpec()
     ids = spec.frame_ids(start, n).astype(np.int32)

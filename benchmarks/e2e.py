@@ -23,7 +23,6 @@ from benchmarks.common import cores, ratio, repeat_rates, summarize, write_resul
 from benchmarks.step import Trainer, endless, measure_steps
 from loaders import build_loader, resolve_shards
 
-
 KINETICS_CLIPS = 240_000 * 200  # videos x epochs of the paper's pretraining
 # hours on 8 GPUs: the step-bound times measured on an H100 (R18 compiled 3.1 h, R50 8.4 h), rounded up
 TARGET_HOURS = {"r18": 3.5, "r50": 9}

@@ -39,11 +39,11 @@ import numpy as np
 import torch
 
 from loaders.contract import MEAN, STD
+from loaders.fragments import FRAGMENT_MEMBERS
 from loaders.ranks import rank_indices
 from loaders.sampling import ClipSpec, scale_range
 from loaders.shards import Shards
 from loaders.state import LoaderStats, Timer
-from loaders.fragments import FRAGMENT_MEMBERS
 
 VIEW_CUTS = ("each", "cover")
 # codecs DALI's CPU video decoder cannot read (it reads VP8, VP9 and MJPEG): NVDEC only
@@ -208,8 +208,8 @@ class DALILoader:
         reader and the video decoder alone, with the decoded fast frames as
         its one output (the loader benchmark's measure of what the rest of
         the graph costs)."""
-        from nvidia.dali import fn, pipeline_def, types
         import nvidia.dali.math as dmath
+        from nvidia.dali import fn, pipeline_def, types
         spec = self.spec
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,

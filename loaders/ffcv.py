@@ -52,8 +52,6 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from numba import njit
-
 from ffcv.fields import IntField
 from ffcv.fields.base import ARG_TYPE, Field
 from ffcv.fields.basics import IntDecoder
@@ -66,6 +64,7 @@ from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.reader import Reader
 from ffcv.traversal_order import QuasiRandom
 from ffcv.traversal_order.base import TraversalOrder
+from numba import njit
 
 from loaders.batching import Normalizer
 from loaders.ranks import rank_indices

@@ -39,11 +39,11 @@ from av.video.reformatter import VideoReformatter
 from webdataset import tariterators
 
 from loaders.batching import Normalizer
+from loaders.fragments import FRAGMENT_MEMBERS, Fragments
 from loaders.ranks import rank_indices
 from loaders.sampling import ClipSpec, Crop, crop_params, sample_rng
 from loaders.shards import Shards
 from loaders.state import EpochState, LoaderStats, Timer
-from loaders.fragments import FRAGMENT_MEMBERS, Fragments
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 

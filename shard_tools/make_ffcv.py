@@ -69,6 +69,7 @@ def _convert(task):
     sample, quality = task
     import av
     import cv2
+
     from loaders.ffcv import pack_frames
     cv2.setNumThreads(1)
     key = sample.get("__key__", "?")
@@ -132,8 +133,9 @@ def convert(shards_src: str, out: str, quality: int, workers: int, quiet: bool, 
     """Convert packed shards to ``out``; returns the number of videos written."""
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
-    from loaders.shards import resolve_shards
+
     from loaders.ffcv import JPEGVideoField
+    from loaders.shards import resolve_shards
     shards = resolve_shards(shards_src)
     spool_path, records = out + ".spool", []
     tasks = ((s, quality) for s in _members(shards))

@@ -107,7 +107,8 @@ def kinetics(src: str, annotations: str, split: str | None = None) -> tuple[list
         try:
             stem = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
         except ValueError:
-            raise UsageError(f"{annotations}:{i}: bad time_start/time_end {r['time_start']!r}, {r['time_end']!r}") from None
+            raise UsageError(f"{annotations}:{i}: bad time_start/time_end {r['time_start']!r}, "
+                             f"{r['time_end']!r}") from None
         if stem in seen:
             continue
         seen.add(stem)

@@ -105,6 +105,7 @@ def old_format_copy(src: Path, dst: Path) -> Path:
     import tarfile
 
     import av
+
     from shard_tools.wds_index import write_index
     dst.mkdir(parents=True)
     for tar in sorted(src.glob("*.tar")):

@@ -10,7 +10,8 @@ import torch
 from shard_tools.make_synthetic import class_names, make, render
 from tests.conftest import REPO
 from vthcl.demo import icm_verdict
-from vthcl.eval import knn, linear_probe, main as eval_main, retrieval
+from vthcl.eval import knn, linear_probe, retrieval
+from vthcl.eval import main as eval_main
 
 
 def test_protocols_on_separable_features():

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.ffcv
 
 
 def _by_index(out):
-    return {int(i): (b["frame_ids"][k], b["fast"][k], int(b["label"][k])) for b in out for k, i in enumerate(b["index"])}
+    return {int(i): (b["frame_ids"][k], b["fast"][k], int(b["label"][k]))
+            for b in out for k, i in enumerate(b["index"])}
 
 
 def test_ffcv_and_pyav_agree_on_the_real_videos(h264_shards, real_beton):
@@ -107,6 +108,7 @@ def test_make_ffcv_from_videos_reports_bad_ones(videos, tmp_path, capsys):
     (b,) = list(loader)
     assert sorted(b["label"].tolist()) == [0, 1] and b["fast"].shape == (2, 3, 16, 32, 32)
     from ffcv.reader import Reader
+
     from loaders.ffcv import FIELDS
     meta = Reader(str(out), FIELDS).metadata["f0"]
     assert sorted(meta["height"].tolist()) == [64, 64] and set(meta["fps"].tolist()) == {15.0}

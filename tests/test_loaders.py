@@ -70,6 +70,9 @@ def check_exact(out, spec: ClipSpec, train: bool):
 
 
 FFCV = pytest.mark.ffcv
+# every backend on the five real videos (ffcv: their .beton)
+EVERY_BACKEND = [("pyav", "h264_shards"), ("dali", "vp9_shards"), ("synthetic", "h264_shards"),
+                 pytest.param("ffcv", "real_beton", marks=FFCV)]
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -107,6 +110,7 @@ def test_pyav_skips_disposable_frames_and_returns_the_same_pixels(h264_shards):
     """decode_frames leaves out the B-frames nothing refers to when it does
     not keep them: the kept frames must equal a plain decode of every frame."""
     import av
+
     from loaders.pyav import decode_frames
     skipped = 0
     for tar in sorted(h264_shards.glob("*.tar")):
@@ -137,6 +141,7 @@ def test_pyav_finds_every_window_of_a_fragmented_member(h264_shards, cut):
     whole member (FFmpeg seeks fragmented MP4 by decode time: a window
     starting on a GOP's last frame made the seek land one GOP late)."""
     import av
+
     from loaders.fragments import Fragments
     from loaders.pyav import decode_frames
     from tests.test_make_shards import tar_samples
@@ -160,8 +165,9 @@ def test_crop_clip_resizes_only_the_window_on_the_whole_frame_grid():
     differences)."""
     import av
     import torch.nn.functional as F
-    from loaders.sampling import Crop
+
     from loaders.pyav import crop_clip
+    from loaders.sampling import Crop
     g = torch.Generator().manual_seed(0)
     coarse = torch.randint(0, 256, (3, 3, 6, 8), generator=g).float()
     imgs = F.interpolate(coarse, size=(96, 128), mode="bicubic").clamp(0, 255).round().to(torch.uint8)
@@ -252,8 +258,9 @@ def test_dali_crop_resizes_only_the_window_on_the_whole_frame_grid(vp9_shards):
     """loaders.dali.resized_crop (a resize of the source window the square
     reads) gives the square of the whole-frame resize, shrinking and enlarging."""
     from nvidia.dali import fn, pipeline_def, types
-    from loaders.shards import resolve_shards
+
     from loaders.dali import resized_crop
+    from loaders.shards import resolve_shards
     found = resolve_shards(str(vp9_shards))
     cases = [(100.0, 7.0, 30.0, 64), (160.0, 33.0, 5.0, 96), (150.0, 0.0, 41.0, 128)]  # short side, y0, x0, size
 
@@ -299,8 +306,7 @@ def test_dali_and_pyav_agree_on_the_same_window(shards, request):
         assert float(diff.mean()) < 3.0, (idx, float(diff.mean()))  # codec/colour-conversion tolerance
 
 
-@pytest.mark.parametrize("backend,shards", [("pyav", "h264_shards"), ("dali", "vp9_shards"), ("synthetic", "h264_shards"),
-                                            pytest.param("ffcv", "real_beton", marks=FFCV)])
+@pytest.mark.parametrize("backend,shards", EVERY_BACKEND)
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_two_ranks_see_every_video_with_equal_steps(backend, shards, batch_size, request):
     path = request.getfixturevalue(shards)
@@ -613,9 +619,9 @@ def test_dali_refuses_a_mix_of_old_and_new_shards(long_vp9, old_long_vp9, tmp_pa
     assert len(build_loader(str(tmp_path), backend="pyav", batch_size=1, device="cpu")) == 6  # per sample
 
 
-@pytest.mark.parametrize("backend,shards", [("pyav", "h264_shards"), ("dali", "vp9_shards"), ("synthetic", "h264_shards"),
-                                            pytest.param("ffcv", "real_beton", marks=FFCV)])
+@pytest.mark.parametrize("backend,shards", EVERY_BACKEND)
 def test_every_backend_refuses_unknown_options_the_same_way(backend, shards, request):
     path = request.getfixturevalue(shards)
-    with pytest.raises(TypeError, match=rf"^{backend} backend: unknown options \['shuffle', 'spead'\] \(it takes .*drop_last"):
+    refused = rf"^{backend} backend: unknown options \['shuffle', 'spead'\] \(it takes .*drop_last"
+    with pytest.raises(TypeError, match=refused):
         build_loader(str(path), backend=backend, batch_size=2, device="cpu", spead=1, shuffle=True)

@@ -11,9 +11,8 @@ import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
-
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -22,7 +21,6 @@ import webdataset as wds
 from av.sidedata.sidedata import Type as SideDataType
 
 from loaders import build_loader
-
 from shard_tools.make_shards import main as make_shards
 from shard_tools.wds_index import write_index
 from tests import media
@@ -361,6 +359,7 @@ def test_missing_src_and_reused_out_are_usage_errors(tmp_path, h264_shards, real
 
 def test_bframes_option_sets_the_decode_order(videos, tmp_path):
     import io
+
     import av
     from av.video.frame import PictureType
     src = tmp_path / "src"
@@ -385,6 +384,7 @@ def test_b_frames_are_disposable_unless_b_refs(videos, tmp_path):
     keep) skips every B-frame; with --b-refs x264's B-pyramid makes some of
     them references."""
     import io
+
     import av
     from av.video.frame import PictureType
     src = tmp_path / "src"
@@ -412,6 +412,7 @@ def test_x264_output_is_the_same_every_time(tmp_path):
     to run (without the fix, 10 of 10 trials of 10 transcodes each gave 2 or
     more distinct outputs); ``x264_asm`` turns that path off."""
     import hashlib
+
     from shard_tools.make_synthetic import render, write_video
     from shard_tools.transcode import EncodeSettings, transcode, x264_asm
     with open("/proc/cpuinfo") as f:

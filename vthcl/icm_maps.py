@@ -41,6 +41,7 @@ def synthetic_clips(per_class: int, classes: int, cfg: dict, seed: int = 10_000)
     Normalizer. Seeds from ``seed`` on, apart from the ones make_synthetic uses
     for its sets."""
     import torch.nn.functional as F
+
     from loaders.batching import Normalizer
     from loaders.sampling import ClipSpec, crop_params
     from shard_tools.make_synthetic import class_names, render
@@ -72,9 +73,10 @@ def load_model(checkpoint: str, device: str = "cpu", trust: bool = False) -> tup
 def clip_from_video(path: str, tau: int, alpha: int, slow_frames: int, crop_size: int):
     """The centre window of a video file, centre-cropped, normalised: (slow, fast, uint8 fast frames)."""
     import av
+
     from loaders.batching import Normalizer
-    from loaders.sampling import ClipSpec, crop_params
     from loaders.pyav import crop_clip
+    from loaders.sampling import ClipSpec, crop_params
     with av.open(path) as c:
         frames = list(c.decode(video=0))
     spec = ClipSpec(tau=tau, alpha=alpha, slow_frames=slow_frames)
