@@ -98,11 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="veryfast", help="x264 preset")
     p.add_argument("--bframes", type=int, default=None,
                    help="x264 B-frames (default: the preset's); 0 = decode order is display order, which DALI's "
-                        "NVDEC path handles with fewer per-frame copies (see README)")
+                        "NVDEC path handles with fewer per-frame copies (see docs/benchmarks.md)")
     p.add_argument("--b-refs", action="store_true",
                    help="let x264 use B-frames as references (B-pyramid, adaptive placement: its default, ~1%% "
                         "smaller); by default no B-frame is a reference, so the loaders skip decoding those a "
-                        "clip does not keep (fewer frames decoded per clip, see README)")
+                        "clip does not keep (fewer frames decoded per clip, see docs/benchmarks.md)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, default=None)
     size.add_argument("--shard-size", type=parse_size, default=None, help="bytes per shard, e.g. 1GB (the default)")

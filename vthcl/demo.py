@@ -21,7 +21,7 @@ import torch
 PRESETS = {
     # videos, pretraining epochs; the model is a small R18 (stem width 16), 56-pixel crops
     # 120 epochs: ~5.5-6.5 min on 2 cores; the actor turned from the colder to the hotter region of the maps
-    # between 60 and 90 epochs (docs/demo, README); 60 epochs left it colder
+    # between 60 and 90 epochs (docs/demo, docs/results.md); 60 epochs left it colder
     "default": {"videos": 240, "epochs": 120},
     "quick": {"videos": 96, "epochs": 6},
     # where the learning signal must show: longer runs, 3 seeds, alpha=2 vs alpha=1 vs random init, with
@@ -154,8 +154,8 @@ def icm_verdict(auc: dict, epochs: int) -> str:
             + (f" ({res5:.2f} on the slow encoder's res5 map)" if res5 is not None else "")
             + f", random init {rnd:.2f}, 0.5 meaning no preference. How far to trust that: one seed; on this "
             "data the actor was the colder region after 60 epochs and the hotter one after 90 to 180 (one "
-            "seed, README), and on the signal preset's data colder after 40 epochs and hotter after 120 in each "
-            "of 3 seeds (`docs/icm/` in the repository).")
+            "seed, docs/results.md), and on the signal preset's data colder after 40 epochs and hotter after "
+            "120 in each of 3 seeds (`docs/icm/` in the repository).")
 
 
 def signal_goals(results: dict) -> dict[str, bool]:
