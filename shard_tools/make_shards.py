@@ -51,6 +51,7 @@ import re
 import struct
 import sys
 import time
+from dataclasses import dataclass
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores; 0: in-process)")
     p.add_argument("--prefix", default="train")
     p.add_argument("--resume", action="store_true", help="keep complete shards of a killed run and do the rest")
+    p.add_argument("--part", type=int, default=None, metavar="I",
+                   help="pack part I (0-based) of --parts N: a deterministic slice of the inputs, into files of "
+                        "its own in OUT, so N machines can pack one dataset at once; then "
+                        "`python -m shard_tools.merge_parts OUT`")
+    p.add_argument("--parts", type=int, default=None, metavar="N")
     p.add_argument("--min-frames", type=int, default=1)
     p.add_argument("--square-pixels", action="store_true",
                    help="stretch non-square pixels (a sample aspect ratio, e.g. 64/51 in the 340x256 Kinetics "
@@ -140,6 +146,55 @@ def _mtime(path: str) -> float:
         return float(int(time.time()))
 
 
+@dataclass(frozen=True)
+class Names:
+    """The files one run writes in OUT. A part (``--part I --parts N``) has
+    names of its own, so N parts can write into one OUT at the same time
+    without touching each other's files: ``{prefix}-pIIIIofNNNN-000000.tar``,
+    ``.make_shards_state.pIIIIofNNNN.json``, ``failed.pIIIIofNNNN.jsonl`` and
+    ``manifest.pIIIIofNNNN.json``; ``python -m shard_tools.merge_parts OUT``
+    then writes the dataset's own manifest."""
+    prefix: str
+    part: int | None = None
+    parts: int | None = None
+
+    @property
+    def tag(self) -> str:
+        return "" if self.part is None else f"p{self.part:04d}of{self.parts:04d}"
+
+    @property
+    def shard_prefix(self) -> str:
+        return f"{self.prefix}-{self.tag}" if self.tag else self.prefix
+
+    def _file(self, stem: str, ext: str) -> str:
+        return f"{stem}.{self.tag}.{ext}" if self.tag else f"{stem}.{ext}"
+
+    @property
+    def state(self) -> str:
+        return self._file(STATE_FILE[:-5], "json")
+
+    @property
+    def failed(self) -> str:
+        return self._file("failed", "jsonl")
+
+    @property
+    def manifest(self) -> str:
+        return self._file("manifest", "json")
+
+
+INDEX_WIDTH = 12  # characters a part reserves for "index" in KEY.json, so merge_parts can renumber in place
+
+
+def index_json(info: dict, reserve: bool = False) -> bytes:
+    """KEY.json; ``reserve``: the "index" number followed by spaces up to
+    INDEX_WIDTH characters (valid JSON), room to rewrite it in place."""
+    text = json.dumps(info, ensure_ascii=False)
+    if reserve:
+        number = str(info["index"])
+        text = text.replace(f'"index": {number}', f'"index": {number}' + " " * (INDEX_WIDTH - len(number)), 1)
+    return text.encode("utf-8")
+
+
 def brace_pattern(prefix: str, count: int) -> str:
     if count == 1:
         return f"{prefix}-000000.tar"
@@ -149,8 +204,8 @@ def brace_pattern(prefix: str, count: int) -> str:
 class ShardSet:
     """Writes samples into numbered shards and commits each atomically."""
 
-    def __init__(self, out: str, prefix: str, state: dict, max_count: int | None, max_bytes: int | None):
-        self.out, self.prefix, self.state = out, prefix, state
+    def __init__(self, out: str, names: Names, state: dict, max_count: int | None, max_bytes: int | None):
+        self.out, self.names, self.prefix, self.state = out, names, names.shard_prefix, state
         self.max_count, self.max_bytes = max_count, max_bytes
         self.writer = None
         self.keys: list[str] = []
@@ -190,7 +245,7 @@ class ShardSet:
         self.bytes += self.writer.write({
             "__key__": sample.key,
             meta["ext"]: data,
-            "json": json.dumps(info, ensure_ascii=False).encode("utf-8"),
+            "json": index_json(info, reserve=self.names.part is not None),
             "cls": str(sample.label).encode("ascii"),
             "nframes": struct.pack("<i", meta["num_frames"]),
             "ids": struct.pack("<qq", index, sample.label),
@@ -218,12 +273,12 @@ class ShardSet:
                                          "whole_member": self.whole})
         self.state["failed"].extend(self.pending_failed)
         self.pending_failed = []
-        save_state(self.out, self.state)
+        save_state(self.out, self.state, self.names)
 
 
-def save_state(out: str, state: dict) -> None:
-    atomic_write_text(os.path.join(out, STATE_FILE), json.dumps(state))
-    atomic_write_text(os.path.join(out, "failed.jsonl"),
+def save_state(out: str, state: dict, names: Names) -> None:
+    atomic_write_text(os.path.join(out, names.state), json.dumps(state))
+    atomic_write_text(os.path.join(out, names.failed),
                   "".join(json.dumps({"source": f["source"], "reason": f["reason"]}, ensure_ascii=False) + "\n"
                           for f in state["failed"]))
 
@@ -233,10 +288,18 @@ def _our_files(out: str, prefix: str) -> list[str]:
     return sorted(f for f in os.listdir(out) if pat.match(f))
 
 
-def prepare_out(out: str, prefix: str, run_config: dict, resume: bool) -> dict:
-    """Create OUT, or on --resume load its state and remove incomplete files."""
+def prepare_out(out: str, names: Names, run_config: dict, resume: bool) -> dict:
+    """Create OUT, or on --resume load its state and remove incomplete files
+    (this run's own: other parts writing into OUT are left alone)."""
     os.makedirs(out, exist_ok=True)
-    state_path = os.path.join(out, STATE_FILE)
+    prefix = names.shard_prefix
+    state_path = os.path.join(out, names.state)
+    merged = os.path.join(out, "manifest.json")
+    if names.part is not None and os.path.exists(merged):
+        with open(merged, encoding="utf-8") as f:
+            if json.load(f).get("parts"):
+                raise UsageError(f"{out} holds a dataset merged from its parts (manifest.json): pack into another "
+                                 "folder")
     if not resume:
         if os.path.exists(state_path) or _our_files(out, prefix):
             raise UsageError(f"{out} already holds shards from an earlier run: add --resume to continue it, "
@@ -256,13 +319,14 @@ def prepare_out(out: str, prefix: str, run_config: dict, resume: bool) -> dict:
     for f in _our_files(out, prefix):
         if f not in keep:
             os.remove(os.path.join(out, f))
+    own = (names.state, names.failed, names.manifest)
     for f in os.listdir(out):
-        if f.endswith(".tmp"):
+        if f.endswith(".tmp") and f[:-4] in own:
             os.remove(os.path.join(out, f))
     return state
 
 
-def write_outputs(out: str, prefix: str, state: dict, classes: list[str], settings: dict) -> None:
+def write_outputs(out: str, names: Names, state: dict, classes: list[str], settings: dict) -> None:
     shards = [{"path": s["path"], "num_samples": s["num_samples"], "first_index": s["first_index"]}
               for s in state["shards"]]
     manifest = {
@@ -270,13 +334,16 @@ def write_outputs(out: str, prefix: str, state: dict, classes: list[str], settin
         "total_samples": sum(s["num_samples"] for s in shards),
         "classes": classes,
         "settings": settings,
-        "pattern": brace_pattern(prefix, len(shards)) if shards else None,
+        "pattern": brace_pattern(names.shard_prefix, len(shards)) if shards else None,
         "failed": len(state["failed"]),
         "member_format": MEMBER_FORMAT,
         "whole_member_samples": sum(s["whole_member"] for s in state["shards"]),
     }
-    atomic_write_text(os.path.join(out, "classes.txt"), "".join(c + "\n" for c in classes))
-    atomic_write_text(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1, ensure_ascii=False))
+    if names.part is not None:  # a part's own manifest (indices local to the part) for merge_parts
+        manifest.update(part=names.part, parts=names.parts, inputs=state["inputs"], complete=state["complete"])
+    else:
+        atomic_write_text(os.path.join(out, "classes.txt"), "".join(c + "\n" for c in classes))
+    atomic_write_text(os.path.join(out, names.manifest), json.dumps(manifest, indent=1, ensure_ascii=False))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -294,6 +361,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--b-refs is an x264 option (--codec h264)")
     if args.square_pixels and args.codec == "copy":
         raise UsageError("--codec copy keeps the stream as it is: it cannot honour --square-pixels")
+    if (args.part is None) != (args.parts is None) or (args.parts is not None and not 0 <= args.part < args.parts):
+        raise UsageError("--part I --parts N go together, with 0 <= I < N")
+    names = Names(args.prefix, args.part, args.parts)
     workers = cores() if args.workers is None else args.workers
     copy = args.codec == "copy"
     settings = EncodeSettings(
@@ -320,14 +390,19 @@ def run(args: argparse.Namespace) -> int:
                   "seed": args.seed,
                   "samples_per_shard": args.samples_per_shard, "shard_size": max_bytes,
                   "annotations": args.annotations, "split": args.split, "split_file": args.split_file,
-                  "unlabeled": args.unlabeled, "prefix": args.prefix}
-    state = prepare_out(args.out, args.prefix, run_config, args.resume)
+                  "unlabeled": args.unlabeled, "prefix": args.prefix, "parts": args.parts}
+    state = prepare_out(args.out, names, {**run_config, "part": args.part} if names.part is not None else
+                        {k: v for k, v in run_config.items() if k != "parts"}, args.resume)
 
+    # every run (every part) orders all inputs the same way; a part takes its contiguous block of that order
     order = sorted(samples, key=lambda s: s.key)
     random.Random(args.seed).shuffle(order)
+    if names.part is not None:
+        order = order[len(order) * args.part // args.parts:len(order) * (args.part + 1) // args.parts]
+    state["inputs"] = len(order)
     done = {k for s in state["shards"] for k in s["keys"]} | {f["key"] for f in state["failed"]}
     todo = [s for s in order if s.key not in done]
-    shards = ShardSet(args.out, args.prefix, state, args.samples_per_shard, max_bytes)
+    shards = ShardSet(args.out, names, state, args.samples_per_shard, max_bytes)
     failed_before = len(state["failed"])
     bar = tqdm(total=len(todo), unit="video", disable=args.quiet, dynamic_ncols=True, mininterval=0.5)
     tasks = [(s, settings) for s in todo]
@@ -356,15 +431,16 @@ def run(args: argparse.Namespace) -> int:
             pool.terminate()
             pool.join()
     state["complete"] = True
-    save_state(args.out, state)
+    save_state(args.out, state, names)
     manifest_settings = {**recorded, "layout": layout, "seed": args.seed, "prefix": args.prefix}
-    write_outputs(args.out, args.prefix, state, classes, manifest_settings)
+    write_outputs(args.out, names, state, classes, manifest_settings)
     packed = sum(s["num_samples"] for s in state["shards"])
     failed = len(state["failed"])
     whole = sum(s["whole_member"] for s in state["shards"])
     cut = (f"; {whole} of them decoded whole, not cut to their windows (window_cut_reason in their json)"
            if whole else "")
-    print(f"{packed} packed, {failed} failed (see {os.path.join(args.out, 'failed.jsonl')}){cut}")
+    part = f"part {args.part} of {args.parts}: " if names.part is not None else ""
+    print(f"{part}{packed} packed, {failed} failed (see {os.path.join(args.out, names.failed)}){cut}")
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -674,3 +674,65 @@ def test_copy_refuses_what_nvdec_cannot_decode(tmp_path):
     assert sorted(failed) == ["h264_10bit.mkv", "h264_444.mp4"]
     assert "yuv420p10le" in failed["h264_10bit.mkv"] and "8-bit 4:2:0" in failed["h264_444.mp4"]
     assert [json.loads(m["json"])["source"] for m in tar_samples(out).values()] == ["h264_420.mp4"]
+
+
+def test_parts_packed_apart_and_merged_equal_one_run(videos, tmp_path):
+    """make_shards --part I --parts 2 twice into one OUT (their own files), then
+    merge_parts: the same samples as one run over all inputs — sources,
+    labels, byte-identical video members, totals, classes, one report per
+    failed input — numbered as that run numbers them (0..n-1 in manifest
+    order, no holes), and a single brace pattern."""
+    from shard_tools.merge_parts import main as merge_parts
+    src = tmp_path / "src"
+    classes = {"a": ["test.mp4", "part_0.mp4", "test.avi"], "b": ["demo.mp4", "S001C001P001R001A001_rgb.avi"]}
+    for cls, names in classes.items():
+        (src / cls).mkdir(parents=True)
+        for name in names:
+            shutil.copy(videos / name, src / cls / name)
+    (src / "b" / "broken.mp4").write_bytes(b"not a video")
+    common = ["--short-side", "64", "--quiet", "--workers", "0", "--samples-per-shard", "2"]
+    one = tmp_path / "one"
+    assert make_shards([str(src), str(one), *common]) == 3
+    parted = tmp_path / "parted"  # two processes writing into it at the same time
+    procs = [subprocess.Popen([sys.executable, "-m", "shard_tools.make_shards", str(src), str(parted), *common,
+                               "--part", str(i), "--parts", "2"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+             for i in (1, 0)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert sorted(p.returncode for p in procs) == [0, 3], outs
+    assert any(o.startswith("part 0 of 2: ") for o in outs) and not (parted / "manifest.json").exists()
+    assert merge_parts([str(parted)]) == 3
+    a, b = tar_samples(one), tar_samples(parted)
+    assert sorted(a) == sorted(b)  # the same keys
+    for key in a:
+        ja, jb = json.loads(a[key]["json"]), json.loads(b[key]["json"])
+        assert (jb["source"], jb["label"], jb["index"]) == (ja["source"], ja["label"], ja["index"])
+        assert a[key]["mp4"] == b[key]["mp4"] and a[key]["ids"] == b[key]["ids"]
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (one, parted))
+    assert (mb["total_samples"], mb["classes"], mb["failed"]) == (ma["total_samples"], ma["classes"], ma["failed"]) == \
+        (5, ["a", "b"], 1)
+    assert sorted(json.loads(m["json"])["index"] for m in b.values()) == list(range(5))
+    assert mb["parts"] == 2 and mb["pattern"] == f"train-{{000000..{len(mb['shards']) - 1:06d}}}.tar"
+    assert [json.loads(line)["source"] for line in (parted / "failed.jsonl").read_text().splitlines()] == \
+        ["b/broken.mp4"]
+    assert sorted(p.name for p in parted.glob("*.tar")) == [s["path"] for s in mb["shards"]]
+    urls = str(parted / mb["pattern"])  # plain webdataset and the loaders read the merged dataset
+    assert len([s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)]) == 5
+    assert sorted(i for batch in build_loader(str(parted), backend="pyav", batch_size=4, device="cpu",
+                                              crop_size=32, num_workers=0, train=False)
+                  for i in batch["index"].tolist()) == list(range(5))
+    assert merge_parts([str(parted)]) == 3 and tar_samples(parted) == b  # a second merge changes nothing
+    assert make_shards([str(src), str(parted), *common, "--part", "0", "--parts", "2", "--resume"]) == 2
+
+
+def test_merge_refuses_parts_not_done(videos, tmp_path, capsys):
+    from shard_tools.merge_parts import main as merge_parts
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("part_0.mp4", "test.avi"):
+        shutil.copy(videos / name, src / name)
+    out = tmp_path / "out"
+    assert make_shards([str(src), str(out), "--short-side", "64", "--quiet", "--workers", "0", "--part", "1",
+                        "--parts", "3"]) == 0
+    assert merge_parts([str(out)]) == 2
+    assert "parts not done yet: 0, 2 of 3" in capsys.readouterr().err
+    assert make_shards([str(src), str(tmp_path / "x"), "--quiet", "--part", "3", "--parts", "3"]) == 2

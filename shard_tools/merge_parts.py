@@ -1,0 +1,156 @@
+"""Merge the parts of a dataset packed by N machines into one, as if one had packed it.
+
+    python -m shard_tools.merge_parts OUT
+
+``make_shards SRC OUT --part I --parts N`` (I = 0 .. N-1, on any machines,
+at the same time, into one shared OUT) orders all inputs the same way in
+every part and packs part I's contiguous block of that order into files of
+its own (see :class:`shard_tools.make_shards.Names`). When every part is
+complete, this writes what a single run writes:
+
+- the shards renamed in part order to ``{prefix}-000000.tar`` ... (their
+  ``.idx`` beside them, unchanged: renaming moves no byte);
+- every sample's ``index`` (``KEY.ids`` and ``KEY.json``) rewritten in place
+  to its position in manifest order: the videos a single run would have
+  packed, numbered as it would have numbered them. A failed input gets no
+  index (as in a single run), so there are no holes: bank rows 0 .. n-1 are
+  all videos, and no negative is ever drawn from a row without one;
+- ``manifest.json`` (shards, totals, classes, settings, pattern, ``parts``),
+  ``classes.txt`` and ``failed.jsonl`` (every part's reports, in order).
+
+Each step can be redone: a merge that was killed is finished by running it
+again (indices are written, not added; a shard already renamed is found by
+its new name). The video members are never touched.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import struct
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from loaders.system import atomic_write_text
+from shard_tools.make_shards import EXIT_FAILED, EXIT_OK, EXIT_USAGE, INDEX_WIDTH, MEMBER_FORMAT, Names, brace_pattern
+from shard_tools.sources import UsageError
+
+_PART = re.compile(r"^manifest\.p(\d{4})of(\d{4})\.json$")
+
+
+def _parts(out: str) -> list[dict]:
+    """The part manifests in OUT, checked: parts 0 .. N-1 of one run, all complete, with one set of settings."""
+    found = {}
+    for path in glob.glob(os.path.join(out, "manifest.p*of*.json")):
+        m = _PART.match(os.path.basename(path))
+        if m:
+            with open(path, encoding="utf-8") as f:
+                found[(int(m.group(1)), int(m.group(2)))] = json.load(f)
+    if not found:
+        raise UsageError(f"{out} holds no part manifests (manifest.pIIIIofNNNN.json): nothing to merge")
+    counts = {n for _, n in found}
+    if len(counts) > 1:
+        raise UsageError(f"{out} holds parts of runs with different --parts ({sorted(counts)})")
+    n = counts.pop()
+    missing = [i for i in range(n) if (i, n) not in found]
+    incomplete = [i for i in range(n) if (i, n) in found and not found[(i, n)].get("complete")]
+    if missing or incomplete:
+        raise UsageError(f"{out}: parts not done yet: {', '.join(map(str, missing + incomplete))} of {n} "
+                         "(run make_shards --part I --parts N for each, --resume after a kill)")
+    parts = [found[(i, n)] for i in range(n)]
+    for p in parts[1:]:
+        if p["settings"] != parts[0]["settings"] or p["classes"] != parts[0]["classes"]:
+            raise UsageError(f"{out}: part {p['part']} was packed with other settings or classes than part 0")
+    return parts
+
+
+def _members(idx_path: str) -> list[dict[str, tuple[int, int]]]:
+    """Per sample of a shard, in order: {ext: (data offset, size)} from its DALI index."""
+    with open(idx_path, encoding="utf-8") as f:
+        f.readline()
+        out = []
+        for line in f:
+            parts = line.split()
+            out.append({parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)})
+    return out
+
+
+def _renumber(tar: str, idx: str, first: int) -> int:
+    """Write index ``first`` + k into the k-th sample's KEY.ids and KEY.json, in place; returns the count."""
+    samples = _members(idx)
+    with open(tar, "r+b") as f:
+        for k, members in enumerate(samples):
+            index = first + k
+            offset, size = members["ids"]
+            f.seek(offset)
+            _, label = struct.unpack("<qq", f.read(size))
+            f.seek(offset)
+            f.write(struct.pack("<qq", index, label))
+            offset, size = members["json"]
+            f.seek(offset)
+            text = f.read(size).decode("utf-8")
+            m = re.search(r'"index": \d+ *', text)
+            new = f'"index": {index}'.ljust(len('"index": ') + INDEX_WIDTH)
+            if m is None or len(m.group(0)) != len(new):
+                raise UsageError(f"{tar}: sample {k}'s json has no room for its index (was it packed by a part?)")
+            f.seek(offset)
+            f.write((text[:m.start()] + new + text[m.end():]).encode("utf-8"))
+    return len(samples)
+
+
+def merge(out: str) -> dict:
+    parts = _parts(out)
+    prefix = parts[0]["settings"]["prefix"]
+    shards, failed, index = [], [], 0
+    for p in parts:
+        names = Names(prefix, p["part"], p["parts"])
+        for s in p["shards"]:
+            src = os.path.join(out, s["path"])
+            dst_name = f"{prefix}-{len(shards):06d}.tar"
+            dst = os.path.join(out, dst_name)
+            for a, b in ((src, dst), (src[:-4] + ".idx", dst[:-4] + ".idx")):
+                if os.path.exists(a):
+                    os.replace(a, b)
+                elif not os.path.exists(b):
+                    raise UsageError(f"{out}: {os.path.basename(a)} is missing (and not yet merged as "
+                                     f"{os.path.basename(b)})")
+            count = _renumber(dst, dst[:-4] + ".idx", index)
+            if count != s["num_samples"]:
+                raise UsageError(f"{dst}: {count} samples, its part's manifest says {s['num_samples']}")
+            shards.append({"path": dst_name, "num_samples": count, "first_index": index})
+            index += count
+        with open(os.path.join(out, names.failed), encoding="utf-8") as f:
+            failed += [line for line in f.read().splitlines() if line.strip()]
+    classes = parts[0]["classes"]
+    manifest = {
+        "shards": shards, "total_samples": index, "classes": classes, "settings": parts[0]["settings"],
+        "pattern": brace_pattern(prefix, len(shards)) if shards else None, "failed": len(failed),
+        "member_format": MEMBER_FORMAT, "whole_member_samples": sum(p["whole_member_samples"] for p in parts),
+        "parts": len(parts), "inputs": sum(p["inputs"] for p in parts),
+    }
+    atomic_write_text(os.path.join(out, "failed.jsonl"), "".join(line + "\n" for line in failed))
+    atomic_write_text(os.path.join(out, "classes.txt"), "".join(c + "\n" for c in classes))
+    atomic_write_text(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1, ensure_ascii=False))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="merge_parts", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", metavar="OUT", help="the folder the parts were packed into")
+    args = p.parse_args(argv)
+    try:
+        manifest = merge(args.out)
+    except UsageError as e:
+        print(f"merge_parts: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{manifest['total_samples']} packed, {manifest['failed']} failed, from {manifest['parts']} parts "
+          f"(see {os.path.join(args.out, 'failed.jsonl')})")
+    return EXIT_FAILED if manifest["failed"] else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
