@@ -736,3 +736,33 @@ def test_merge_refuses_parts_not_done(videos, tmp_path, capsys):
     assert merge_parts([str(out)]) == 2
     assert "parts not done yet: 0, 2 of 3" in capsys.readouterr().err
     assert make_shards([str(src), str(tmp_path / "x"), "--quiet", "--part", "3", "--parts", "3"]) == 2
+
+
+def test_ray_driver_packs_in_parts_and_resumes_after_a_kill(videos, tmp_path):
+    """shard_tools.ray_pack on a local Ray instance: killed once a part has
+    written a shard, then run again, it resumes and merges: every input
+    packed once, indexed 0..n-1, as one make_shards run would pack them."""
+    pytest.importorskip("ray")
+    src = tmp_path / "src" / "c"
+    src.mkdir(parents=True)
+    for i in range(9):
+        shutil.copy(videos / "test.mp4", src / f"v{i}.mp4")
+    out = tmp_path / "out"
+    args = ["--short-side", "96", "--workers", "0", "--samples-per-shard", "1"]
+    cmd = [sys.executable, "-m", "shard_tools.ray_pack", str(src.parent), str(out), "--parts", "3", "--quiet", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(out.glob("train-p*.tar")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(out.glob("train-p*.tar")) and not (out / "manifest.json").exists(), "not killed midway"
+    rc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr[-2000:]
+    assert "9 packed, 0 failed, from 3 parts" in rc.stdout
+    one = tmp_path / "one"
+    assert make_shards([str(src.parent), str(one), "--quiet", *args]) == 0
+    packed, single = tar_samples(out), tar_samples(one)
+    assert {k: json.loads(m["json"])["index"] for k, m in packed.items()} == \
+        {k: json.loads(m["json"])["index"] for k, m in single.items()}
+    assert all(packed[k]["mp4"] == single[k]["mp4"] for k in single)
