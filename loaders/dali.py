@@ -309,6 +309,8 @@ class DALILoader:
         runs to its end, so the lost batch's good videos come back, smaller."""
         it, produced, rebuilt = None, 0, False
         seen: set[int] = set()  # evaluation: the videos yielded this epoch
+        owed = len(rank_indices(self.shards.total, self.rank, self.world_size)[0])  # videos this rank yields
+        last = None  # the last video yielded, as a one-row batch (to pad with)
         while produced < len(self) or (rebuilt and not self.train):
             try:
                 with Timer(self.stats):
@@ -331,6 +333,14 @@ class DALILoader:
                     self.stats.substituted += self.batch_size
                 continue
             batch = out[0]
+            rows = batch["index"].reshape(-1).shape[0]
+            if not rebuilt and rows < min(self.batch_size, owed):
+                # DALI keeps ranks' batch counts equal by trimming the padding of a shorter shard, down to
+                # empty batches; the contract pads as rank_indices does: a rank repeats a video it read
+                batch = _pad_rows(batch, rows, min(self.batch_size, owed), last)
+            if batch["index"].numel():
+                last = {k: v[-1:] for k, v in batch.items()}
+                owed -= batch["index"].reshape(-1).shape[0]
             if not self.train:
                 index = batch["index"].reshape(-1).tolist()
                 if rebuilt:
@@ -391,6 +401,14 @@ class DALILoader:
             f.write(f"{header.split()[0]} {len(keep)}\n" + "\n".join(keep) + "\n")
         self.index_paths[i] = dst
         self._iter = None
+
+
+def _pad_rows(batch: dict, rows: int, want: int, last: dict | None) -> dict:
+    """``batch`` with ``want`` rows: its own last row (or the previous batch's) repeated."""
+    source = {k: v[-1:] for k, v in batch.items()} if rows else last
+    if source is None:
+        return batch
+    return {k: torch.cat([batch[k], source[k].expand(want - rows, *source[k].shape[1:])]) for k in batch}
 
 
 def _bad_member(message: str) -> tuple[str, str] | None:

@@ -139,3 +139,17 @@ def old_format_copy(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="session")
 def old_long_vp9(long_vp9, tmp_path_factory) -> Path:
     return old_format_copy(long_vp9, tmp_path_factory.mktemp("old") / "shards")
+
+
+@pytest.fixture(scope="session")
+def many_tree(tmp_path_factory) -> Path:
+    """21 tiny frame-number-coded videos (20 to 40 frames): more videos than 16 ranks."""
+    root = tmp_path_factory.mktemp("many")
+    (root / "c").mkdir()
+    for i in range(21):
+        media.write_coded_video(root / "c" / f"v{i:02d}.mkv", 20 + i, height=32, width=48)
+    return root
+
+
+many_vp9 = _shards("many_tree", "many_vp9", "--short-side", "32", "--codec", "vp9", "--samples-per-shard", "4")
+many_beton = _beton("many_vp9", "many")

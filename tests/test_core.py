@@ -184,10 +184,10 @@ def _ddp_worker(rank, world, init, result_path, sharded):
     dist.destroy_process_group()
 
 
-def _run_ddp(sharded: bool, tmp_path):
+def _run_ddp(sharded: bool, tmp_path, world: int = 2):
     init = f"file://{tmp_path}/init_{int(sharded)}"
-    mp.spawn(_ddp_worker, args=(2, init, str(tmp_path / "r"), sharded), nprocs=2, join=True)
-    return [torch.load(f"{tmp_path}/r.{r}") for r in range(2)]
+    mp.spawn(_ddp_worker, args=(world, init, str(tmp_path / "r"), sharded), nprocs=world, join=True)
+    return [torch.load(f"{tmp_path}/r.{r}") for r in range(world)]
 
 
 def test_ddp_banks_identical_on_every_rank(tmp_path):
@@ -200,18 +200,19 @@ def test_ddp_banks_identical_on_every_rank(tmp_path):
     assert torch.allclose(single.banks, r0["banks"], atol=1e-6)
 
 
-def test_sharded_banks_hold_their_rows_and_match_the_full_bank(tmp_path):
-    r0, r1 = _run_ddp(True, tmp_path)
-    assert r0["rows"] == (0, 20) and r1["rows"] == (20, 40)
-    assert r0["banks"].shape[2] == 20
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_banks_hold_their_rows_and_match_the_full_bank(tmp_path, world):
+    ranks = _run_ddp(True, tmp_path, world)
+    assert [r["rows"] for r in ranks] == [(40 * k // world, 40 * (k + 1) // world) for k in range(world)]
+    assert ranks[0]["banks"].shape[2] == 40 // world
     full = MemoryBank(40, levels=2, dim=8, num_negatives=12, seed=5)
     for s in range(3):
-        for r in (r0, r1):  # the loss each rank computed, against the full bank with all ranks' negatives
+        for r in ranks:  # the loss each rank computed, against the full bank with all ranks' negatives
             loss, negs = r["losses"][s]
             ref, _ = reference_loss(full.banks, r["q"][s], r["index"][s], negs, 0.07, [1.0, 1.0])
             assert abs(loss - float(ref)) < 1e-4
-        full.update(torch.cat([r0["q"][s], r1["q"][s]], 2), torch.cat([r0["index"][s], r1["index"][s]]))
-    assert torch.allclose(torch.cat([r0["banks"], r1["banks"]], 2), full.banks, atol=1e-6)
+        full.update(torch.cat([r["q"][s] for r in ranks], 2), torch.cat([r["index"][s] for r in ranks]))
+    assert torch.allclose(torch.cat([r["banks"] for r in ranks], 2), full.banks, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- vthcl.train

@@ -625,3 +625,30 @@ def test_every_backend_refuses_unknown_options_the_same_way(backend, shards, req
     refused = rf"^{backend} backend: unknown options \['shuffle', 'spead'\] \(it takes .*drop_last"
     with pytest.raises(TypeError, match=refused):
         build_loader(str(path), backend=backend, batch_size=2, device="cpu", spead=1, shuffle=True)
+
+
+@pytest.mark.parametrize("backend,shards", [("pyav", "many_vp9"), ("dali", "many_vp9"), ("synthetic", "many_vp9"),
+                                            pytest.param("ffcv", "many_beton", marks=FFCV)])
+def test_sixteen_ranks_take_equal_steps_and_see_every_video(backend, shards, request):
+    """WORLD_SIZE 16 over 21 videos: every rank the same number of steps, no
+    empty batch (DALI's own reader sharding trims a shorter shard's padding
+    down to empty batches: the rank repeats a video instead), at most one
+    repeat per rank, every video seen, in each epoch."""
+    path = request.getfixturevalue(shards)
+    for batch_size in (1,):  # a batch of one: the shard of one video DALI pads with an empty second batch
+        for epoch in range(1 if backend == "ffcv" else 2):  # (an FFCV pipeline compiles per loader: 2 s each)
+            seen, steps = [], set()
+            for rank in range(16):
+                loader = build_loader(str(path), backend=backend, batch_size=batch_size, device="cpu", crop_size=16,
+                                      rank=rank, world_size=16, num_workers=1 if backend in ("dali", "ffcv") else 0)
+                loader.set_epoch(epoch)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out = list(loader)
+                steps.add((len(loader), len(out)))
+                assert all(b["fast"].shape[0] >= 1 for b in out)
+                idx = [i for b in out for i in b["index"].tolist()]
+                assert len(idx) == 2 and len(idx) - len(set(idx)) <= 1  # ceil(21/16) videos, one padded repeat
+                seen += idx
+            assert len(steps) == 1 and len(next(iter(steps))) == 2 and len(set(next(iter(steps)))) == 1
+            assert set(seen) == set(range(21))
