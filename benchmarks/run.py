@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-SUITES = ["loader", "decode", "step", "e2e", "loss", "shards"]
+SUITES = ["loader", "decode", "step", "e2e", "loss", "shards", "scale"]
 NEEDS = {"loader": ["videos"], "decode": ["videos"], "e2e": ["shards"], "shards": ["videos"]}
 
 
@@ -29,6 +29,9 @@ def run_suite(suite: str, args, out: Path) -> Path:
     if suite == "loss":
         from benchmarks import loss
         return loss.run(out, args.quick, args.device)
+    if suite == "scale":
+        from benchmarks import scale
+        return scale.run(out, args.quick)
     from benchmarks import shards
     return shards.run(Path(args.videos), out, args.quick, workers=args.workers)
 

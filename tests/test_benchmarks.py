@@ -208,3 +208,20 @@ def test_videos_are_found_in_a_dataset_tree_or_a_flat_folder(videos, real_tree, 
     empty.mkdir(parents=True)
     with pytest.raises(SystemExit, match="no videos"):
         video_files(tmp_path / "empty")
+
+
+def test_scale_simulation_quick(tmp_path):
+    """The scale suite's small run: the shard index probes on sparse shards, and
+    a 2-rank sharded bank whose counted traffic and bank bytes are the formula's."""
+    pytest.importorskip("nvidia.dali")
+    from benchmarks import scale
+    doc = json.loads(scale.run(tmp_path, quick=True).read_text())
+    for kind in ("manifest", "sample_index", "fragment_check", "dali_reader"):
+        for n in (100, 1000):
+            r = doc["results"][f"{kind}_{n}_shards"]
+            assert r["samples"] == n * scale.SAMPLES_PER_SHARD and r["seconds"] >= 0, (kind, n, r)
+    bank = doc["results"]["sharded_bank_20000_rows_2_ranks"]
+    for key in ("bank_mb_per_rank", "received_mb_per_step_per_rank"):
+        assert bank[key] == pytest.approx(bank["formula"][key], rel=0.01), key
+    plan = doc["settings"]["plan_10m_videos"]
+    assert plan["8"]["bank_gb_per_rank_fp32"] == pytest.approx(2 * plan["16"]["bank_gb_per_rank_fp32"], rel=1e-3)
