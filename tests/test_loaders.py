@@ -306,6 +306,19 @@ def test_dali_and_pyav_agree_on_the_same_window(shards, request):
         assert float(diff.mean()) < 3.0, (idx, float(diff.mean()))  # codec/colour-conversion tolerance
 
 
+def epoch_on_every_rank(path, backend: str, batch_size: int, world: int, epoch: int, crop_size: int = 32):
+    """One epoch on each of ``world`` ranks: [(len(loader), its batches)] in rank order."""
+    runs = []
+    for rank in range(world):
+        loader = build_loader(str(path), backend=backend, batch_size=batch_size, device="cpu", crop_size=crop_size,
+                              rank=rank, world_size=world, num_workers=1 if backend in ("dali", "ffcv") else 0)
+        loader.set_epoch(epoch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runs.append((len(loader), list(loader)))
+    return runs
+
+
 @pytest.mark.parametrize("backend,shards", EVERY_BACKEND)
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_two_ranks_see_every_video_with_equal_steps(backend, shards, batch_size, request):
@@ -314,19 +327,13 @@ def test_two_ranks_see_every_video_with_equal_steps(backend, shards, batch_size,
     total = json.loads((packed / "manifest.json").read_text())["total_samples"]
     assert total == 5
     for epoch in range(2):
-        seen, steps = [], []
-        for rank in range(2):
-            loader = build_loader(str(path), backend=backend, batch_size=batch_size, device="cpu", crop_size=32,
-                                  rank=rank, world_size=2, num_workers=1 if backend in ("dali", "ffcv") else 0)
-            loader.set_epoch(epoch)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out = list(loader)
-            steps.append((len(loader), len(out)))
+        runs = epoch_on_every_rank(path, backend, batch_size, 2, epoch)
+        assert len({(n, len(out)) for n, out in runs}) == 1 and all(n == len(out) for n, out in runs)
+        seen = []
+        for _, out in runs:
             idx = [i for b in out for i in b["index"].tolist()]
             assert len(idx) - len(set(idx)) <= 1  # at most one padded repeat per rank
             seen += idx
-        assert steps[0] == steps[1] and steps[0][0] == steps[0][1]
         assert set(seen) == set(range(total))
 
 
@@ -635,20 +642,14 @@ def test_sixteen_ranks_take_equal_steps_and_see_every_video(backend, shards, req
     down to empty batches: the rank repeats a video instead), at most one
     repeat per rank, every video seen, in each epoch."""
     path = request.getfixturevalue(shards)
-    for batch_size in (1,):  # a batch of one: the shard of one video DALI pads with an empty second batch
-        for epoch in range(1 if backend == "ffcv" else 2):  # (an FFCV pipeline compiles per loader: 2 s each)
-            seen, steps = [], set()
-            for rank in range(16):
-                loader = build_loader(str(path), backend=backend, batch_size=batch_size, device="cpu", crop_size=16,
-                                      rank=rank, world_size=16, num_workers=1 if backend in ("dali", "ffcv") else 0)
-                loader.set_epoch(epoch)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    out = list(loader)
-                steps.add((len(loader), len(out)))
-                assert all(b["fast"].shape[0] >= 1 for b in out)
-                idx = [i for b in out for i in b["index"].tolist()]
-                assert len(idx) == 2 and len(idx) - len(set(idx)) <= 1  # ceil(21/16) videos, one padded repeat
-                seen += idx
-            assert len(steps) == 1 and len(next(iter(steps))) == 2 and len(set(next(iter(steps)))) == 1
-            assert set(seen) == set(range(21))
+    for epoch in range(1 if backend == "ffcv" else 2):  # (an FFCV pipeline compiles per loader: 2 s each)
+        # a batch of one: a shard of one video is what DALI's reader padded with an empty second batch
+        runs = epoch_on_every_rank(path, backend, 1, 16, epoch, crop_size=16)
+        assert {(n, len(out)) for n, out in runs} == {(2, 2)}
+        seen = []
+        for _, out in runs:
+            assert all(b["fast"].shape[0] == 1 for b in out)
+            idx = [i for b in out for i in b["index"].tolist()]
+            assert len(idx) - len(set(idx)) <= 1  # ceil(21/16) = 2 videos, at most one a padded repeat
+            seen += idx
+        assert set(seen) == set(range(21))
