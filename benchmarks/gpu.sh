@@ -26,10 +26,11 @@
 # VIDEOS_DIR: the original videos (tests/data/videos: they travel with the repository).
 # RESULTS_DIR gets <suite>.json/.png, <stage>.log, stages.txt and machine.txt;
 # RESULTS_DIR.tar is rewritten after every stage (for machines that return few files).
-# The machine needs DALI (../shared/tools/device_wheels.md: in parts, installed into
-# .site with PYTHONPATH set) and, for the NVDEC reference, pynvvideocodec (27 MB:
-# `pip download --no-deps --python-version 3.12 --only-binary=:all: pynvvideocodec==2.2.4`,
-# carried and installed into .site the same way).
+# The machine needs the project's packages with DALI (`pip install -e ".[dev,dali]"`)
+# and, for the NVDEC reference, pynvvideocodec (`pip install pynvvideocodec==2.2.4`).
+# On a machine without internet: `pip download --no-deps --only-binary=:all:
+# --python-version X.Y` the wheels (nvidia-dali-cuda120, pynvvideocodec) where there is,
+# copy them over, `pip install --no-deps --target .site WHEEL`, and run with PYTHONPATH=.site.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu.sh RESULTS_DIR VIDEOS_DIR [STAGES]}
 videos=${2:?usage: benchmarks/gpu.sh RESULTS_DIR VIDEOS_DIR [STAGES]}
