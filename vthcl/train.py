@@ -300,8 +300,9 @@ class Log:
         if self.main:
             print(f"vthcl.train: {text}", file=sys.stderr)
 
-    def step(self, record: dict | None, loss: float, epoch: int) -> None:
-        """One step done; ``record`` (a logged step's figures) goes to the file and TensorBoard."""
+    def step(self, record: dict | None, loss: torch.Tensor, epoch: int) -> None:
+        """One step done; ``record`` (a logged step's figures) goes to the file and TensorBoard.
+        ``loss`` is read (a device sync) only for the progress bar."""
         if record and self.metrics:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
@@ -311,7 +312,7 @@ class Log:
                         self.writer.add_scalar(f"train/{k}", v, record["step"])
         if self.bar:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch)
+            self.bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
 
     def close(self) -> None:
         for thing in (self.bar, self.writer, self.metrics):
@@ -371,7 +372,7 @@ def train(cfg) -> dict:
                     **{f"loss_{name}": float(v) for name, v in zip(s.model.level_names, per_level.detach())},
                     "lr": s.optimizer.param_groups[0]["lr"], "clips_per_s": batch["slow"].shape[0] * world / dt,
                     "data_wait": min(1.0, wait / dt), "nonfinite": s.nonfinite}
-            log.step(record, loss.item(), s.epoch)
+            log.step(record, loss, s.epoch)
             if s.step % cfg.ckpt_every == 0 or s.step >= max_steps:
                 save_checkpoint(s, cfg, out, rank, world)
             if s.step >= max_steps:
