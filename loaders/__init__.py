@@ -54,7 +54,7 @@ def build_loader(shards, *, backend: str, batch_size: int, tau: int = 8, alpha: 
     if backend == "synthetic":
         from loaders.synthetic import SyntheticLoader
         num_videos = options.pop("num_videos", None)
-        _check_options(backend, SyntheticLoader, options)
+        _check_options(backend, SyntheticLoader, options, common)
         if num_videos is None:
             if shards is None:
                 raise ValueError("synthetic backend: give shards or num_videos=")
@@ -64,26 +64,24 @@ def build_loader(shards, *, backend: str, batch_size: int, tau: int = 8, alpha: 
         raise ValueError(f"{backend} backend: shards are required")
     if backend == "ffcv":
         from loaders.ffcv import FFCVLoader
-        _check_options(backend, FFCVLoader, options)
+        _check_options(backend, FFCVLoader, options, common)
         return FFCVLoader(shards, spec, num_workers=num_workers, **common, **options)
     resolved = resolve_shards(shards)
     if backend == "pyav":
         from loaders.pyav import PyAVLoader
-        _check_options(backend, PyAVLoader, options)
+        _check_options(backend, PyAVLoader, options, common)
         return PyAVLoader(resolved, spec, num_workers=num_workers, **common, **options)
     from loaders.dali import DALILoader
-    _check_options(backend, DALILoader, options)
+    _check_options(backend, DALILoader, options, common)
     return DALILoader(resolved, spec, num_threads=max(1, num_workers), **common, **options)
 
 
-_COMMON = {"self", "shards", "path", "spec", "num_videos", "batch_size", "crop_size", "train", "normalize", "device",
-           "rank", "world_size", "seed", "channels_last", "num_workers", "num_threads"}
-
-
-def _check_options(backend: str, cls, options: dict) -> None:
-    """Every backend refuses options it does not take the same way: a TypeError naming them and what it takes."""
+def _check_options(backend: str, cls, options: dict, common: dict) -> None:
+    """Every backend refuses options it does not take the same way: a TypeError naming them and what it
+    takes (its keyword-only parameters less what build_loader passes itself: ``common`` and the workers)."""
     import inspect
-    takes = set(inspect.signature(cls.__init__).parameters) - _COMMON
+    params = inspect.signature(cls.__init__).parameters
+    takes = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - set(common) - {"num_workers", "num_threads"}
     unknown = sorted(set(options) - takes)
     if unknown:
         raise TypeError(f"{backend} backend: unknown options {unknown} (it takes {', '.join(sorted(takes))})")
