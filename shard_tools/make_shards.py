@@ -390,9 +390,10 @@ def run(args: argparse.Namespace) -> int:
                   "seed": args.seed,
                   "samples_per_shard": args.samples_per_shard, "shard_size": max_bytes,
                   "annotations": args.annotations, "split": args.split, "split_file": args.split_file,
-                  "unlabeled": args.unlabeled, "prefix": args.prefix, "parts": args.parts}
-    state = prepare_out(args.out, names, {**run_config, "part": args.part} if names.part is not None else
-                        {k: v for k, v in run_config.items() if k != "parts"}, args.resume)
+                  "unlabeled": args.unlabeled, "prefix": args.prefix}
+    if names.part is not None:  # (a single run's config stays what it was before parts)
+        run_config.update(parts=args.parts, part=args.part)
+    state = prepare_out(args.out, names, run_config, args.resume)
 
     # every run (every part) orders all inputs the same way; a part takes its contiguous block of that order
     order = sorted(samples, key=lambda s: s.key)
