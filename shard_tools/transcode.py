@@ -151,7 +151,7 @@ def orientation(matrix) -> str:
     is not a multiple of 90 degrees raises BadVideo."""
     if matrix is None:
         return "upright"
-    m = [v / 65536 for v in matrix[:6]] if len(matrix) >= 6 else None
+    m = [v / 65536 for v in matrix[:6]]
     s0, s1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
     if s0 == 0 or s1 == 0:
         raise BadVideo(f"corrupt: a display matrix that maps the frame to nothing ({list(matrix)})")
