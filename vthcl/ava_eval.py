@@ -177,7 +177,8 @@ def read_boxes(path, class_ids: set[int] | None = None, capacity: int | None = N
     are dropped (an empty or None set keeps all). Two-column rows (a frame with
     no boxes) are accepted and add nothing. With ``capacity``, each frame keeps
     its ``capacity`` best-scored boxes across classes through the official
-    min-heap, listed by descending score; without it, rows stay in file order."""
+    min-heap (no limit when < 1), listed by descending score; with None, rows
+    stay in file order."""
     bad, heaps, out = _BadRows(path), {}, Boxes()
     for line, row in _rows(path):
         if len(row) == 2:
