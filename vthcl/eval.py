@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from vthcl import checkpoint as ckpt
+from vthcl import weights
 from vthcl.config import yaml_options
 from vthcl.model import Pathway, slow_encoder_features
 
@@ -39,7 +40,11 @@ def load_encoder(checkpoint: str | None, random_init: bool = False, arch: str | 
     """The slow encoder of a vthcl.train checkpoint (last.pt, or slow_encoder.pt
     with last.pt beside it or --arch/--width), or the same net untrained.
     Checkpoints load as tensors and plain values only (see vthcl.checkpoint;
-    ``trust``: unpickle in full)."""
+    ``trust``: unpickle in full). ``checkpoint`` may also be an init string
+    (random, vthcl:, pyslowfast:, pytorchvideo:, imagenet2d:; see
+    vthcl.weights.load_encoder_init)."""
+    if weights.init_scheme(checkpoint):
+        return weights.load_encoder_init(checkpoint, arch, width, seed, trust, random_init=random_init)
     cfg = {"arch": arch or "r18", "width": width or 64, "tau": 8, "alpha": 2, "slow_frames": 8, "crop_size": 224,
            "input": "rgb"}
     state = None
@@ -61,7 +66,7 @@ def load_encoder(checkpoint: str | None, random_init: bool = False, arch: str | 
     torch.manual_seed(seed)
     encoder = Pathway(cfg["arch"], cfg["width"], slow=True, residual=cfg["input"] == "residual")
     if state is not None and not random_init:
-        encoder.load_state_dict(state)
+        weights.load_pathway(encoder, state, str(checkpoint))
     return encoder.eval(), cfg
 
 

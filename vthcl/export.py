@@ -1,0 +1,81 @@
+"""Export our slow encoder to PySlowFast or pytorchvideo.
+
+    python -m vthcl.export --to pyslowfast|pytorchvideo CKPT OUT [--arch r50] [--trust-checkpoint]
+
+CKPT is vthcl.train's ``last.pt`` or ``slow_encoder.pt`` (the arch comes from
+the checkpoint's config, from ``last.pt`` beside it, or ``--arch``). Only the
+encoder is written; the other side's classifier starts from its own
+initialisation:
+
+* ``pyslowfast``: ``{"model_state": ...}`` in ``ResNet``'s (MODEL.ARCH slow)
+  names, for TRAIN.CHECKPOINT_FILE_PATH or TEST.CHECKPOINT_FILE_PATH. Its
+  ``load_checkpoint`` loads what matches and logs the head as not loaded.
+* ``pytorchvideo``: a plain ``slow_r50`` state dict; load it with
+  ``model.load_state_dict(state, strict=False)`` (the head ``blocks.5`` is
+  not in it).
+
+Both hold an R50 only: an r18 encoder is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from vthcl import checkpoint as ckpt
+from vthcl import weights
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("pyslowfast", "pytorchvideo")
+
+
+def export(checkpoint, out, to: str, arch: str | None = None, trust: bool = False) -> Path:
+    """Write the slow encoder of ``checkpoint`` to ``out`` in ``to``'s layout; returns ``out``."""
+    from vthcl.eval import load_encoder
+
+    if to not in TARGETS:
+        raise ValueError(f"unknown export target {to!r}: choose {' or '.join(TARGETS)}")
+    encoder, cfg = load_encoder(str(checkpoint), arch=arch, trust=trust)
+    if cfg["arch"] != "r50":
+        raise ValueError(f"{checkpoint}: an {cfg['arch']} encoder has no counterpart in {to} (its Slow ResNets are "
+                         f"R50 and up): only an r50 encoder exports")
+    if cfg.get("input") == "residual":
+        log.warning("%s: this encoder was trained on residual frames (input: residual); %s feeds it RGB unless "
+                    "told otherwise", checkpoint, to)
+    state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    if to == "pyslowfast":
+        # Without "epoch", load_checkpoint returns -1 (training starts at epoch 0) and never reads
+        # "optimizer_state", which this file cannot hold: with "epoch" present, loading it through
+        # TRAIN.CHECKPOINT_FILE_PATH (CHECKPOINT_EPOCH_RESET False, the default) reads the optimizer state.
+        obj = {"model_state": weights.to_pyslowfast(state)}
+    else:
+        obj = weights.to_pytorchvideo(state)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.save(obj, out)
+    log.info("wrote the %s slow encoder (width %d) of %s to %s in %s's layout", cfg["arch"], cfg["width"],
+             checkpoint, out, to)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="vthcl.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--to", required=True, choices=TARGETS)
+    p.add_argument("checkpoint", help="last.pt or slow_encoder.pt of vthcl.train")
+    p.add_argument("out", help="the file to write")
+    p.add_argument("--arch", choices=["r18", "r50"], help="default: the checkpoint's")
+    ckpt.add_trust_flag(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        out = export(args.checkpoint, args.out, args.to, args.arch, bool(args.trust_checkpoint))
+    except (ValueError, FileNotFoundError, ckpt.CheckpointRefused) as e:
+        raise SystemExit(f"vthcl.export: error: {e}") from None
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
