@@ -283,14 +283,23 @@ def _ffmpeg_errors():
         av.logging.set_level(level)
 
 
-def _decoded_frames(container, stream):
-    """Yield (time_in_seconds, frame) for every decodable frame, in order.
+def _decoded_frames(container, stream, whole: bool = True, threaded: bool = True):
+    """Yield (time_in_seconds, frame) for every decodable frame, in order
+    (``whole``: the caller reads the stream to its end, so a stream that
+    decodes to far fewer frames than it declares is refused as truncated).
+    ``threaded``: FFmpeg's frame and slice threads; without them the decoder
+    logs from this thread only (PyAV's log capture can deadlock when a frame
+    thread logs an error while it is on: PyAV issues 751 and 909), for
+    decodes that are expected to report errors.
 
     A decoder that reports an error is not trusted to go on: it conceals the
     damage (the frames come out, wrong), so the video is refused with the
     error, as it is when decoding stops. (Damage a codec cannot see — bytes
     that happen to decode — cannot be told from content by any decoder.)"""
-    stream.thread_type = "AUTO"
+    if threaded:
+        stream.thread_type = "AUTO"
+    else:
+        stream.codec_context.thread_count = 1
     rate = _input_rate(stream)
     n = 0
     with _ffmpeg_errors() as errors:
@@ -307,27 +316,36 @@ def _decoded_frames(container, stream):
             _, name, message = errors[0]
             raise BadVideo(f"corrupt: the decoder reported {len(errors)} error(s) by frame {n} ({name}: "
                            f"{message.strip()[:120]}): the frames it would conceal are not the video's")
-    _check_complete(n, stream)
+    if whole:
+        _check_complete(n, stream)
 
 
-def resample_times(times_and_frames, fps: float, last_duration: float):
+def resample_times(times_and_frames, fps: float, last_duration: float, origin: float | None = None,
+                   slots: int | None = None):
     """Place frames on a constant ``fps`` grid: slot k shows the frame whose
     presentation time rounds to k, or the latest earlier one (duplicates fill
-    gaps, later frames win a shared slot). Yields frames."""
-    t0 = None
+    gaps, later frames win a shared slot). Yields frames.
+
+    The grid starts at the first frame's time, or at ``origin`` (seconds on
+    the frames' clock: slot 0 then shows the latest frame at or before it);
+    ``slots`` ends it after that many frames, without reading further."""
+    t0 = origin
+    end = slots if slots is not None else float("inf")
     pending, pending_slot, last_t = None, 0, 0.0
     for t, frame in times_and_frames:
         if t0 is None:
             t0 = t
         slot = int(round((t - t0) * fps))
         if pending is not None:
-            for _ in range(pending_slot, slot):
+            for _ in range(pending_slot, min(slot, end)):
                 yield pending
             pending_slot = max(pending_slot, slot)
+            if pending_slot >= end:
+                return
         pending, last_t = frame, t
     if pending is None:
         return
-    end_slot = max(pending_slot + 1, int(round((last_t - t0 + last_duration) * fps)))
+    end_slot = min(end, max(pending_slot + 1, int(round((last_t - t0 + last_duration) * fps))))
     for _ in range(pending_slot, end_slot):
         yield pending
 
@@ -349,11 +367,37 @@ def encoder_options(s: EncodeSettings) -> dict[str, str]:
             "g": str(s.gop), "keyint_min": str(s.gop), "row-mt": "1"}
 
 
-def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
+# a span that starts later than this (seconds) is reached by a seek, not by decoding up to it
+_SEEK_AFTER = 10.0
+
+
+def _span_frames(container, stream, span: tuple[float, float]):
+    """(time, frame) from the latest frame at or before ``span[0]`` (seconds
+    from the stream's start), reached by a seek to a keyframe before it where
+    that is far; and the span's start on the frames' clock."""
+    tb = float(stream.time_base)
+    zero = (stream.start_time or 0) * tb
+    origin = zero + span[0]
+    if span[0] > _SEEK_AFTER:
+        container.seek(int((origin - 2.0) / tb), stream=stream, backward=True, any_frame=False)
+        frames = _decoded_frames(container, stream, whole=False)
+        first = next(frames, None)
+        if first is not None and first[0] <= origin:
+            return itertools.chain([first], frames), origin
+        frames.close()  # the seek overshot: decode from the start instead
+        container.seek(0, stream=stream, backward=True, any_frame=False)
+    return _decoded_frames(container, stream, whole=False), origin
+
+
+def _encode(container, stream, s: EncodeSettings, span: tuple[float, float] | None = None) -> tuple[bytes, dict]:
     in_w, in_h = stream.codec_context.width, stream.codec_context.height
     if not in_w or not in_h:
         raise BadVideo("corrupt: the video stream has no frame size")
-    frames = _decoded_frames(container, stream)
+    origin = slots = None
+    if span is None:
+        frames = _decoded_frames(container, stream)
+    else:
+        frames, origin = _span_frames(container, stream, span)
     first = next(frames, None)
     if first is None:
         raise BadVideo("corrupt: no frame could be decoded")
@@ -369,6 +413,8 @@ def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
     scale_w, scale_h = (h, w) if swaps else (w, h)  # the size to scale to before the planes are turned
     out_sar = Fraction(1) if s.square_pixels else (1 / sar if swaps else sar)
     fps = Fraction(s.fps).limit_denominator(1001) if s.fps else _input_rate(stream)
+    if span is not None:
+        slots = max(1, int(math.ceil((span[1] - span[0]) * float(fps) - 1e-9)))
     buf = io.BytesIO()
     out = av.open(buf, "w", format=MEMBER_EXT[s.codec], options={"movflags": fmp4.MOVFLAGS})
     ost = out.add_stream(ENCODER[s.codec], rate=fps)
@@ -381,7 +427,14 @@ def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
     n = 0
     # one swscale context for the video: frame.reformat builds one per frame (0.28 instead of 0.09 ms a frame)
     scaler = VideoReformatter()
-    for frame in resample_times(frames, float(fps), float(1 / _input_rate(stream))):
+    last_time = [first[0]]
+
+    def timed(items):  # the latest source time read, to tell a span that lies past the video's end
+        for t, f in items:
+            last_time[0] = t
+            yield t, f
+
+    for frame in resample_times(timed(frames), float(fps), float(1 / _input_rate(stream)), origin, slots):
         img = scaler.reformat(frame, width=scale_w, height=scale_h, format="yuv420p", interpolation="AREA",
                               threads=s.threads)
         img = _oriented(img, op)
@@ -395,6 +448,9 @@ def _encode(container, stream, s: EncodeSettings) -> tuple[bytes, dict]:
     for packet in ost.encode():
         out.mux(packet)
     out.close()
+    if span is not None and last_time[0] < origin - 0.5 / float(fps):
+        raise BadVideo(f"the video ends at {last_time[0] - origin + span[0]:.2f} s, before the span to pack "
+                       f"({span[0]:.2f}-{span[1]:.2f} s): are its annotations for another cut of it (--time-offset)?")
     data = buf.getvalue()
     meta = {"num_frames": n, "fps": float(fps), "width": w, "height": h, "codec": s.codec, "orientation": op,
             "sample_aspect_ratio": str(out_sar)}
@@ -457,7 +513,7 @@ def _frame_digests(data: bytes) -> list[bytes]:
     """A digest of every frame a decoder gets back from ``data``, in display order."""
     with av.open(io.BytesIO(data)) as c:
         return [hashlib.blake2b(b"".join(bytes(p) for p in f.planes), digest_size=16).digest()
-                for _, f in _decoded_frames(c, c.streams.video[0])]
+                for _, f in _decoded_frames(c, c.streams.video[0], threaded=False)]
 
 
 def cut_check(data: bytes, frags: Fragments, digests: list[bytes]) -> str | None:
@@ -534,15 +590,23 @@ def _copy(container, stream, path: str) -> tuple[bytes, dict]:
     return data, meta
 
 
-def transcode(path: str, settings: EncodeSettings) -> tuple[bytes, dict]:
-    """Return (member bytes, meta) for one input video, or raise BadVideo."""
+def transcode(path: str, settings: EncodeSettings, span: tuple[float, float] | None = None) -> tuple[bytes, dict]:
+    """Return (member bytes, meta) for one input video, or raise BadVideo.
+
+    ``span``: pack only the seconds [start, end) of the video (from its
+    stream's start; the end is clipped to the video): frame k of the member
+    shows the source at ``start + k / fps``, and ``meta["span"]`` is
+    ``[start, start + num_frames / fps]``. Not with ``codec="copy"``, which
+    keeps the stream whole."""
     container = _open(path)
     try:
         stream = video_stream(container)
         if settings.codec == "copy":
+            if span is not None:
+                raise BadVideo("--codec copy keeps the stream whole: it cannot pack a span of it")
             data, meta = _copy(container, stream, path)
         else:
-            data, meta = _encode(container, stream, settings)
+            data, meta = _encode(container, stream, settings, span)
             meta["ext"] = MEMBER_EXT[settings.codec]
     except BadVideo:
         raise
@@ -552,6 +616,8 @@ def transcode(path: str, settings: EncodeSettings) -> tuple[bytes, dict]:
         container.close()
     if meta["num_frames"] == 0:
         raise BadVideo("corrupt: no frame could be decoded")
+    if span is not None:
+        meta["span"] = [span[0], span[0] + meta["num_frames"] / meta["fps"]]
     if meta["num_frames"] < settings.min_frames:
         raise BadVideo(f"too short: {meta['num_frames']} frames < --min-frames {settings.min_frames}")
     meta["duration"] = round(meta["num_frames"] / meta["fps"], 6)
