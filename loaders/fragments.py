@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 FRAGMENT_MEMBERS = ("frag_bytes", "frag_frames")
+# the member layout make_shards writes (fragmented MP4 + fragment tables), as its manifests name it
+MEMBER_FORMAT = "fmp4-fragments-v1"
 
 
 @dataclass(frozen=True)

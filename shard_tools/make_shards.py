@@ -59,14 +59,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import webdataset as wds
 from tqdm import tqdm
 
+from loaders.fragments import MEMBER_FORMAT
 from loaders.system import atomic_write_text, cores
-from shard_tools.sources import Sample, UsageError, discover
+from shard_tools.sources import EventVideos, Sample, UsageError, discover, events_layout
 from shard_tools.transcode import BadVideo, EncodeSettings, transcode
 from shard_tools.wds_index import write_index
 
 STATE_FILE = ".make_shards_state.json"
-# the member layout: fragmented MP4 + fragment tables (a --resume of a run that wrote another is refused)
-MEMBER_FORMAT = "fmp4-fragments-v1"
 EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 3
 
 
@@ -84,8 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("src", metavar="SRC", help="folder with the videos")
     p.add_argument("out", metavar="OUT", help="output folder for the shards")
-    p.add_argument("--layout", choices=["auto", "kinetics", "folders", "csv"], default="auto")
-    p.add_argument("--annotations", help="Kinetics annotation CSV, or a path,label CSV")
+    p.add_argument("--layout", choices=["auto", "kinetics", "folders", "csv", "ava", "epic"], default="auto",
+                   help="ava / epic: long videos with time-anchored events (events.jsonl beside the shards)")
+    p.add_argument("--annotations", help="Kinetics annotation CSV, a path,label CSV, AVA's ava_{train,val}_v2.2.csv "
+                                         "or EPIC-Kitchens' EPIC_train_action_labels.csv / EPIC_100_*.csv")
+    p.add_argument("--proposals", help="AVA: person proposals with scores (PySlowFast's predicted-box CSVs)")
+    p.add_argument("--labelmap", help="AVA: the label map of evaluated classes (ava_action_list_v2.2*.pbtxt)")
+    p.add_argument("--exclusions", help="AVA: keyframes to leave out (ava_*_excluded_timestamps_v2.2.csv)")
+    p.add_argument("--time-offset", type=float, default=0.0,
+                   help="ava/epic: the annotations' time of each source's first frame (900 for AVA's 15-minute cuts)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="ava/epic: seconds packed beyond the span the events need, at each end (default: half a "
+                        "64-frame window at --fps)")
     p.add_argument("--split-file", action="append", default=None,
                    help="UCF101 trainlist/testlist or HMDB51 *_test_splitN.txt (a file, glob or folder; repeatable)")
     p.add_argument("--split", choices=["train", "val", "test"],
@@ -131,7 +140,7 @@ def _work(task: tuple[Sample, EncodeSettings]):
     if sample.path is None:
         return sample, None, None, "missing: no such video file under SRC"
     try:
-        data, meta = transcode(sample.path, settings)
+        data, meta = transcode(sample.path, settings, sample.span)
         return sample, data, meta, None
     except BadVideo as e:
         return sample, None, None, str(e)
@@ -222,7 +231,7 @@ class ShardSet:
         self.writer = wds.TarWriter(self.tmp_tar, encoder=False)
         self.keys, self.bytes, self.first_index, self.whole = [], 0, self.next_index, 0
 
-    def add(self, sample: Sample, data: bytes, meta: dict) -> None:
+    def add(self, sample: Sample, data: bytes, meta: dict, extra: dict | None = None) -> None:
         if self.writer is not None and (
             (self.max_count and len(self.keys) >= self.max_count)
             or (self.max_bytes and self.bytes + len(data) > self.max_bytes)
@@ -236,7 +245,7 @@ class ShardSet:
                 "height": meta["height"], "codec": meta["codec"], "duration": meta["duration"],
                 "key": sample.key, "index": index, "fragments": meta["fragments"].count,
                 "window_cut": meta["window_cut"], "orientation": meta["orientation"],
-                "sample_aspect_ratio": meta["sample_aspect_ratio"]}
+                "sample_aspect_ratio": meta["sample_aspect_ratio"], **(extra or {})}
         if not meta["window_cut"]:
             info["window_cut_reason"] = meta["window_cut_reason"]
             self.whole += 1
@@ -254,8 +263,8 @@ class ShardSet:
         self.keys.append(sample.key)
         self.next_index += 1
 
-    def fail(self, sample: Sample, reason: str) -> None:
-        self.pending_failed.append({"source": sample.source, "reason": reason, "key": sample.key})
+    def fail(self, sample: Sample, reason: str, extra: dict | None = None) -> None:
+        self.pending_failed.append({"source": sample.source, "reason": reason, "key": sample.key, **(extra or {})})
 
     def commit(self) -> None:
         """Close the open shard (if any), rename it into place, record it."""
@@ -279,8 +288,8 @@ class ShardSet:
 def save_state(out: str, state: dict, names: Names) -> None:
     atomic_write_text(os.path.join(out, names.state), json.dumps(state))
     atomic_write_text(os.path.join(out, names.failed),
-                  "".join(json.dumps({"source": f["source"], "reason": f["reason"]}, ensure_ascii=False) + "\n"
-                          for f in state["failed"]))
+                      "".join(json.dumps({k: v for k, v in f.items() if k != "key"}, ensure_ascii=False) + "\n"
+                              for f in state.get("bad_rows", []) + state["failed"]))
 
 
 def _our_files(out: str, prefix: str) -> list[str]:
@@ -326,7 +335,40 @@ def prepare_out(out: str, names: Names, run_config: dict, resume: bool) -> dict:
     return state
 
 
-def write_outputs(out: str, names: Names, state: dict, classes: list[str], settings: dict) -> None:
+EVENTS_FILE = "events.jsonl"
+
+
+def events_name(names: Names) -> str:
+    """EVENTS_FILE, or a part's own."""
+    return names._file("events", "jsonl")
+
+
+def write_events(out: str, names: Names, state: dict, plan: EventVideos) -> dict:
+    """``events.jsonl``: one line per event of a packed video, ordered by the
+    video's manifest index, then time, then annotation line; each with its row
+    number ``event``, the video's ``index``, ``key`` and ``video_id``. Returns
+    what the manifest says of them."""
+    packed = {}
+    for shard in state["shards"]:
+        for k, key in enumerate(shard["keys"]):
+            packed[key] = shard["first_index"] + k
+    lines = []
+    for key in sorted(packed, key=packed.get):
+        video = plan.videos.get(key)
+        if video is None:
+            raise RuntimeError(f"{key} was packed but its events are not in the annotations any more")
+        for event in video["events"]:
+            row = {"event": len(lines), "index": packed[key], "key": key, "video_id": video["video_id"]}
+            if video["participant_id"]:
+                row["participant_id"] = video["participant_id"]
+            lines.append(json.dumps({**row, **event}, ensure_ascii=False))
+    atomic_write_text(os.path.join(out, events_name(names)), "".join(line + "\n" for line in lines))
+    return {"task": plan.task, "events": len(lines), "events_file": events_name(names),
+            "event_info": {"time_offset": plan.time_offset, **plan.info}}
+
+
+def write_outputs(out: str, names: Names, state: dict, classes: list[str], settings: dict,
+                  plan: EventVideos | None = None) -> None:
     shards = [{"path": s["path"], "num_samples": s["num_samples"], "first_index": s["first_index"]}
               for s in state["shards"]]
     manifest = {
@@ -335,15 +377,35 @@ def write_outputs(out: str, names: Names, state: dict, classes: list[str], setti
         "classes": classes,
         "settings": settings,
         "pattern": brace_pattern(names.shard_prefix, len(shards)) if shards else None,
-        "failed": len(state["failed"]),
+        "failed": len(state["failed"]) + len(state.get("bad_rows", [])),
         "member_format": MEMBER_FORMAT,
         "whole_member_samples": sum(s["whole_member"] for s in state["shards"]),
     }
+    if plan is not None:
+        manifest.update(write_events(out, names, state, plan))
     if names.part is not None:  # a part's own manifest (indices local to the part) for merge_parts
         manifest.update(part=names.part, parts=names.parts, inputs=state["inputs"], complete=state["complete"])
     else:
         atomic_write_text(os.path.join(out, "classes.txt"), "".join(c + "\n" for c in classes))
     atomic_write_text(os.path.join(out, names.manifest), json.dumps(manifest, indent=1, ensure_ascii=False))
+
+
+def _event_json(plan: EventVideos | None, sample: Sample, meta: dict) -> dict | None:
+    """KEY.json's fields of a long-video member: its video id, the span packed
+    (seconds of the source) and ``time_start``, the annotations' time of its
+    frame 0 (frame k shows time_start + k / fps)."""
+    if plan is None:
+        return None
+    return {"video_id": plan.videos[sample.key]["video_id"], "span": meta["span"],
+            "time_start": meta["span"][0] + plan.time_offset}
+
+
+def _event_failure(plan: EventVideos | None, sample: Sample) -> dict | None:
+    """What a failed long video takes down: its annotation file and the lines of its events."""
+    if plan is None:
+        return None
+    video = plan.videos[sample.key]
+    return {"video_id": video["video_id"], "annotations": plan.info["annotations"], "lines": video["lines"]}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -373,15 +435,31 @@ def run(args: argparse.Namespace) -> int:
         gop=args.gop, crf=args.crf, preset=args.preset, bframes=args.bframes, b_refs=args.b_refs,
         threads=max(1, cores() // max(1, workers)), min_frames=args.min_frames, square_pixels=args.square_pixels)
     ignored: list[str] = []
-    layout, samples, classes = discover(args.src, args.layout, args.annotations, args.split_file, args.split,
-                                        ignored)
+    plan = None
+    if args.layout in ("ava", "epic"):
+        if not args.annotations:
+            raise UsageError(f"--layout {args.layout} needs --annotations FILE.csv")
+        if copy:
+            raise UsageError(f"--layout {args.layout} packs the span its events need, which --codec copy cannot")
+        margin = args.margin if args.margin is not None else 32 / settings.fps
+        if margin < 0:
+            raise UsageError("--margin must be 0 or more")
+        samples, plan = events_layout(args.src, args.layout, args.annotations, args.proposals, args.labelmap,
+                                      args.exclusions, args.time_offset, margin)
+        layout, classes = args.layout, []
+    else:
+        if args.proposals or args.labelmap or args.exclusions or args.time_offset or args.margin is not None:
+            raise UsageError("--proposals, --labelmap, --exclusions, --time-offset and --margin are for "
+                             "--layout ava/epic")
+        layout, samples, classes = discover(args.src, args.layout, args.annotations, args.split_file, args.split,
+                                            ignored)
     if ignored:
         shown = ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else "")
         print(f"make_shards: not videos, left out: {len(ignored)} file(s) ({shown})", file=sys.stderr)
     if args.unlabeled:
-        samples = [Sample(s.key, s.source, s.path, -1, "") for s in samples]
+        samples = [Sample(s.key, s.source, s.path, -1, "", s.span) for s in samples]
         classes = []
-    if not samples:
+    if not samples and not (plan and plan.bad):
         raise UsageError(f"no videos found under {args.src} (layout {layout})")
     recorded = {k: v for k, v in settings.as_dict().items()  # (as shards made before --bframes, --square-pixels)
                 if k != "threads" and not (k == "bframes" and v is None) and not (k == "square_pixels" and not v)}
@@ -391,9 +469,14 @@ def run(args: argparse.Namespace) -> int:
                   "samples_per_shard": args.samples_per_shard, "shard_size": max_bytes,
                   "annotations": args.annotations, "split": args.split, "split_file": args.split_file,
                   "unlabeled": args.unlabeled, "prefix": args.prefix}
+    if plan is not None:
+        run_config.update(proposals=args.proposals, labelmap=args.labelmap, exclusions=args.exclusions,
+                          time_offset=args.time_offset, margin=margin)
     if names.part is not None:  # (a single run's config stays what it was before parts)
         run_config.update(parts=args.parts, part=args.part)
     state = prepare_out(args.out, names, run_config, args.resume)
+    if plan is not None and not args.part:  # the rows no video can take: reported once (by part 0)
+        state["bad_rows"] = plan.bad
 
     # every run (every part) orders all inputs the same way; a part takes its contiguous block of that order
     order = sorted(samples, key=lambda s: s.key)
@@ -416,12 +499,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         for sample, data, meta, reason in results:
             if reason is None:
-                shards.add(sample, data, meta)
+                shards.add(sample, data, meta, _event_json(plan, sample, meta))
                 if not meta["window_cut"]:
                     bar.write(f"decoded whole, not cut to its windows: {sample.source}: {meta['window_cut_reason']}",
                               file=sys.stderr)
             else:
-                shards.fail(sample, reason)
+                shards.fail(sample, reason, _event_failure(plan, sample))
                 bar.write(f"failed: {sample.source}: {reason}", file=sys.stderr)
             bar.update(1)
             bar.set_postfix(failed=len(shards.pending_failed) + len(state["failed"]) - failed_before)
@@ -434,9 +517,9 @@ def run(args: argparse.Namespace) -> int:
     state["complete"] = True
     save_state(args.out, state, names)
     manifest_settings = {**recorded, "layout": layout, "seed": args.seed, "prefix": args.prefix}
-    write_outputs(args.out, names, state, classes, manifest_settings)
+    write_outputs(args.out, names, state, classes, manifest_settings, plan)
     packed = sum(s["num_samples"] for s in state["shards"])
-    failed = len(state["failed"])
+    failed = len(state["failed"]) + len(state.get("bad_rows", []))
     whole = sum(s["whole_member"] for s in state["shards"])
     cut = (f"; {whole} of them decoded whole, not cut to their windows (window_cut_reason in their json)"
            if whole else "")

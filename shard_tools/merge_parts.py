@@ -36,7 +36,17 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from loaders.system import atomic_write_text
-from shard_tools.make_shards import EXIT_FAILED, EXIT_OK, EXIT_USAGE, INDEX_WIDTH, MEMBER_FORMAT, Names, brace_pattern
+from shard_tools.make_shards import (
+    EVENTS_FILE,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    INDEX_WIDTH,
+    MEMBER_FORMAT,
+    Names,
+    brace_pattern,
+    events_name,
+)
 from shard_tools.sources import UsageError
 
 _PART = re.compile(r"^manifest\.p(\d{4})of(\d{4})\.json$")
@@ -102,12 +112,27 @@ def _renumber(tar: str, idx: str, first: int) -> int:
     return len(samples)
 
 
+def _events(out: str, names: Names, first_index: int, first_event: int) -> list[str]:
+    """A part's events.jsonl lines with the video indices and event numbers of the merged dataset."""
+    lines = []
+    with open(os.path.join(out, events_name(names)), encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                event = json.loads(line)
+                event["event"] = first_event + len(lines)
+                event["index"] += first_index
+                lines.append(json.dumps(event, ensure_ascii=False))
+    return lines
+
+
 def merge(out: str) -> dict:
     parts = _parts(out)
     prefix = parts[0]["settings"]["prefix"]
-    shards, failed, index = [], [], 0
+    shards, failed, events, index = [], [], [], 0
     for p in parts:
         names = Names(prefix, p["part"], p["parts"])
+        if "task" in p:
+            events += _events(out, names, index, len(events))
         for s in p["shards"]:
             src = os.path.join(out, s["path"])
             dst_name = f"{prefix}-{len(shards):06d}.tar"
@@ -132,6 +157,10 @@ def merge(out: str) -> dict:
         "member_format": MEMBER_FORMAT, "whole_member_samples": sum(p["whole_member_samples"] for p in parts),
         "parts": len(parts), "inputs": sum(p["inputs"] for p in parts),
     }
+    if "task" in parts[0]:
+        manifest.update(task=parts[0]["task"], events=len(events), events_file=EVENTS_FILE,
+                        event_info=parts[0]["event_info"])
+        atomic_write_text(os.path.join(out, EVENTS_FILE), "".join(line + "\n" for line in events))
     atomic_write_text(os.path.join(out, "failed.jsonl"), "".join(line + "\n" for line in failed))
     atomic_write_text(os.path.join(out, "classes.txt"), "".join(c + "\n" for c in classes))
     atomic_write_text(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1, ensure_ascii=False))

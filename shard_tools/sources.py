@@ -40,6 +40,20 @@ class Sample:
     path: str | None     # absolute path, None when the file is missing
     label: int
     label_name: str
+    span: tuple[float, float] | None = None  # seconds of the source to pack (long-video layouts), else all
+
+
+@dataclass
+class EventVideos:
+    """What the long-video layouts add to their samples: per sample key its
+    video id and the events (with their annotation lines) to write into
+    events.jsonl once it is packed; the rows that could not be used; and what
+    the manifest says of the task."""
+    task: str
+    videos: dict[str, dict]  # key -> {"video_id", "participant_id", "events", "lines"}
+    bad: list[dict]
+    info: dict
+    time_offset: float = 0.0
 
 
 def _sanitize(text: str) -> str:
@@ -187,6 +201,57 @@ def folders(src: str, split_files: list[str] | None = None, split: str | None = 
             top = rel.split("/", 1)[0] if "/" in rel else ""
             samples.append(Sample(make_key(rel), rel, None, classes.get(top, UNLABELED), top if top in classes else ""))
     return samples, sorted(classes, key=classes.get)
+
+
+VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ts"}
+
+
+def _video_files(src: str) -> dict[str, list[str]]:
+    """Video files under SRC by stem (case kept), for finding ``{video_id}.{ext}``."""
+    by_stem: dict[str, list[str]] = {}
+    for path in _walk_files(src):
+        stem, ext = os.path.splitext(os.path.basename(path))
+        if ext.lower() in VIDEO_EXTS:
+            by_stem.setdefault(stem, []).append(path)
+    return by_stem
+
+
+def events_layout(src: str, layout: str, annotations: str, proposals: str | None = None,
+                  labelmap: str | None = None, exclusions: str | None = None, time_offset: float = 0.0,
+                  margin: float = 32 / 30) -> tuple[list[Sample], EventVideos]:
+    """One sample per annotated video, packed over the span its events need
+    (AVA: the first keyframe to the last, ``margin`` seconds beyond each;
+    EPIC: from the video's start to the last segment's end plus ``margin``),
+    and the events of each. ``time_offset``: the annotations' time of the
+    sources' first frame (900 for the 15-minute AVA cuts)."""
+    from shard_tools import annotations as ann
+    if layout == "ava":
+        read = ann.read_ava(annotations, proposals, labelmap, exclusions)
+    else:
+        if proposals or labelmap or exclusions:
+            raise UsageError("--proposals, --labelmap and --exclusions are AVA's (--layout ava)")
+        read = ann.read_epic(annotations)
+    files = _video_files(src)
+    samples, videos = [], {}
+    for video_id, events in sorted(read.events.items()):
+        participant = read.participants.get(video_id, "")
+        found = files.get(video_id, [])
+        if len(found) > 1 and participant:  # EPIC: {participant_id}/{video_id}.MP4 first
+            found = [p for p in found if os.path.basename(os.path.dirname(p)) == participant] or found
+        if len(found) > 1:
+            raise UsageError(f"two videos for {video_id} under {src}: {_rel(found[0], src)} and {_rel(found[1], src)}")
+        path = found[0] if found else None
+        source = _rel(path, src) if path else (f"{participant}/{video_id}" if participant else video_id)
+        if layout == "ava":
+            first, last = min(e["time"] for e in events), max(e["time"] for e in events)
+        else:
+            first, last = time_offset, max(e["stop"] for e in events)
+        span = (max(0.0, first - margin - time_offset), last + margin - time_offset)
+        key = make_key(source if path else video_id)
+        samples.append(Sample(key, source, path, UNLABELED, "", span))
+        videos[key] = {"video_id": video_id, "participant_id": participant, "events": events,
+                       "lines": read.lines.get(video_id, [])}
+    return samples, EventVideos(layout, videos, read.bad, read.info, time_offset)
 
 
 def detect_layout(src: str, annotations: str | None) -> str:

@@ -38,11 +38,12 @@ import csv
 import heapq
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from shard_tools.annotations import read_labelmap
 
 log = logging.getLogger(__name__)
 
@@ -97,57 +98,6 @@ def _number(text: str, kind=float):
     if kind is float and not math.isfinite(value):
         raise ValueError(f"non-finite value {text!r}")
     return value
-
-
-_LABELMAP_FIELD = re.compile(r'^\s*(\w+)\s*:\s*(?:"([^"]*)"|(\S+))\s*$')
-_LABELMAP_OPEN = re.compile(r"^\s*(item|label)\s*\{\s*$")
-
-
-def read_labelmap(path) -> tuple[list[dict], set[int]]:
-    """The classes of an AVA label map: ``item {`` or ``label {`` blocks with one
-    field a line (``name: "..."``, ``id: N`` or ``label_id: N``; other fields such
-    as ``label_type`` are ignored). Returns ``([{"id", "name"}, ...], {ids})``.
-    A malformed map is an error naming the file and line."""
-    categories, ids, block, opened = [], set(), None, 0
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            where = f"{path}:{line_no}"
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            if _LABELMAP_OPEN.match(line):
-                if block is not None:
-                    raise ValueError(f"{where}: a block opens inside the block opened at line {opened}")
-                block, opened = {}, line_no
-            elif line.strip() == "}":
-                if block is None:
-                    raise ValueError(f"{where}: '}}' without an open block")
-                if "id" not in block:
-                    raise ValueError(f"{path}:{opened}: block has no id or label_id")
-                if block["id"] in ids:
-                    raise ValueError(f"{path}:{opened}: class id {block['id']} appears twice")
-                categories.append({"id": block["id"], "name": block.get("name", "")})
-                ids.add(block["id"])
-                block = None
-            elif m := _LABELMAP_FIELD.match(line):
-                if block is None:
-                    raise ValueError(f"{where}: field outside an item {{ }} or label {{ }} block")
-                key, value = m.group(1), m.group(2) if m.group(2) is not None else m.group(3)
-                if key in ("id", "label_id"):
-                    try:
-                        block["id"] = int(value)
-                    except ValueError:
-                        raise ValueError(f"{where}: {key} {value!r} is not an integer") from None
-                    if block["id"] < 1:
-                        raise ValueError(f"{where}: class ids start at 1 (got {block['id']})")
-                elif key == "name":
-                    block["name"] = value
-            else:
-                raise ValueError(f"{where}: not a label map line: {line.strip()!r}")
-    if block is not None:
-        raise ValueError(f"{path}:{opened}: block is not closed")
-    if not categories:
-        raise ValueError(f"{path}: no classes in the label map")
-    return categories, ids
 
 
 def _read_exclusions(path) -> tuple[set[str], int]:
