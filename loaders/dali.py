@@ -1,53 +1,63 @@
-"""The DALI backend: the whole clip path declared as one DALI graph.
+"""The DALI backend: DALI decodes, resizes, crops and normalises; what to take
+is the sampling policy's (:mod:`loaders.sampling`), as in every backend.
 
-    fn.readers.webdataset (the .idx files; sharded by rank; shuffled)
-      -> num_frames (KEY.nframes), [index, label] (KEY.ids) and the fragment
-         table (KEY.frag_bytes, KEY.frag_frames) read as numbers
-      -> window start and the fast frame ids chosen in the graph
-      -> the member cut to its window: init segment + the fragments that hold
-         the window's frames (uint8 slices, concatenated), ids made relative
-         to the cut (see loaders/fragments.py)
-      -> fn.decoders.video: the fast sequence decoded once from the cut
-         (device "mixed" = NVDEC on a GPU; "cpu" = VP8/VP9/MJPEG only)
-      -> the crop of the frames resized to short side S (fn.resize of only
-         the window it reads), then fn.crop_mirror_normalize flips,
-         normalises, FHWC -> CFHW
-    DALIGenericIterator(reader_name="reader") -> torch tensors on the device
-      -> slow = fast[:, :, ::alpha] (a strided copy on the device; with
-         independent crops the slow frames get their own crop in the graph)
-
-The sampling rules are those of :mod:`loaders.sampling` (same window, same
-evaluation crop as the PyAV backend); random draws come from DALI's own
-generators seeded by ``seed`` and ``rank``.
+    _Source (an external source, batch by batch: in this process, or in
+    DALI's Python workers with ``source_workers``)
+      this rank's samples of the epoch (videos, or events of long videos),
+      shuffled in training
+      -> the sampler's views of each sample: frame ids and crops
+      -> the bytes the views need, read by byte range (os.pread): the init
+         segment and the fragments holding the window (KEY.frag_bytes /
+         KEY.frag_frames; the whole member where a sample has no table),
+         and the frame ids relative to them (see loaders/fragments.py)
+    fn.decoders.video: the fast sequence decoded from those bytes (device
+      "mixed" = NVDEC on a GPU; "cpu" = VP8/VP9/MJPEG only); one cut per
+      temporal view ("each") or one covering them all ("cover")
+      -> fn.resize of only the source window the crop reads, with the scale
+         of the whole frame's resize; fn.crop_mirror_normalize flips,
+         normalises, FHWC -> CFHW (whole frames of different sizes, AVA's
+         evaluation, are padded to the largest)
+    DALIGenericIterator -> torch tensors on the device
+      -> slow = fast[:, :, ::alpha] (with independent crops the slow frames
+         get their own crop in the graph); an event dataset's fields
 
 Why the cut: DALI 2.4's ``fn.decoders.video`` decodes every sample from its
 first frame (it builds no index to seek with), so on a whole member a clip's
 cost grows with its window's position. Cut to its fragments, a window costs
-the same anywhere. Shards packed before make_shards wrote fragment tables are
-decoded whole (one warning); a dataset mixing both is refused.
+the same anywhere. Shards packed before make_shards wrote fragment tables
+are decoded whole (one warning); a dataset mixing both is refused.
+
+The source is stateless per batch (batch b of the epoch is a function of
+the seed, epoch, rank and b), so a resumed epoch replays exactly from its
+batch. A member DALI cannot decode fails its whole batch (DALI cannot skip
+inside one): its sample is found by decoding the failed batches' samples
+one by one, left out, and the epoch goes on from the failed batch —
+training puts the previous good sample in its place, evaluation leaves it
+out (every decodable sample exactly once).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import tarfile
-import tempfile
 import warnings
 
 import numpy as np
 import torch
 
+from loaders.base import ClipLoader, crop_from_params
 from loaders.contract import MEAN, STD
-from loaders.fragments import FRAGMENT_MEMBERS
-from loaders.ranks import rank_indices
-from loaders.sampling import ClipSpec, scale_range
+from loaders.fragments import FRAGMENT_MEMBERS, MEMBER_FORMAT
+from loaders.members import MemberIndex, MemberReader
+from loaders.sampling import ClipSampler, ClipSpec, KeyframeClips, sample_rng
 from loaders.shards import Shards
-from loaders.state import LoaderStats, Timer
+from loaders.state import Timer
 
 VIEW_CUTS = ("each", "cover")
 # codecs DALI's CPU video decoder cannot read (it reads VP8, VP9 and MJPEG): NVDEC only
 H264_LIKE = {"h264", "hevc", "h265", "mpeg4", "av1"}
+# how the source names a sample it could not read, so the loader leaves it out
+_SAMPLE_ERROR = "vthcl-sample"
 
 
 def _first_codec(shards: Shards) -> str | None:
@@ -74,9 +84,12 @@ def check_decodable(shards: Shards, device: str) -> None:
 
 def has_fragment_tables(shards: Shards) -> bool:
     """True if every sample of ``shards`` carries its fragment table, False if
-    none does (shards packed before make_shards wrote them), read from the
-    .idx files (each line names its sample's members). A mix is refused: one
-    DALI graph decodes every sample the same way."""
+    none does (shards packed before make_shards wrote them). The manifest says
+    so (``member_format``); without one the .idx files are read (each line
+    names its sample's members). A mix is refused: one graph decodes every
+    sample the same way."""
+    if shards.manifest.get("member_format") == MEMBER_FORMAT:
+        return True
     found = {}
     for tar in shards.tars:
         with open(shards.idx(tar)) as f:
@@ -92,62 +105,124 @@ def has_fragment_tables(shards: Shards) -> bool:
     return bool(found) and next(iter(found))
 
 
-def cut_to_window(video, frag_bytes, frag_frames, frame_ids, fn, types):
-    """The member cut to the frames ``frame_ids`` need, in DALI ops: its init
-    segment + the fragments [g0, g1) holding min..max of the ids (uint8
-    subscripts, concatenated; subscripts and ``cat``'s first input keep the
-    sample's source info, which names the member in a decoder error), and the
-    ids relative to the cut. ``frag_frames[g0]`` is the last fragment start
-    <= min, g1 the first > max: counts of the table's entries at or below."""
-    first, last = fn.reductions.min(frame_ids), fn.reductions.max(frame_ids)
-    g0 = fn.reductions.sum(fn.cast(frag_frames <= first, dtype=types.INT32)) - 1
-    g1 = fn.reductions.sum(fn.cast(frag_frames <= last, dtype=types.INT32))
-    cut = fn.cat(video[0:frag_bytes[0]], video[frag_bytes[g0]:frag_bytes[g1]], axis=0)
-    return cut, frame_ids - frag_frames[g0]
-
-
-def resized_crop(frames, h, w, sh, sw, y0, x0, size: int, fn, types):
-    """The ``size`` square at (y0, x0) of the frames resized from (h, w) to
-    (sh, sw) (bilinear, antialiased when shrinking), in DALI ops. Only the
-    source window the square reads is resized, with the whole frame's scale:
-    the same sample positions and filter as resizing whole frames and then
-    cropping, for a fraction of the work (the whole-frame resize was the
-    CPU graph's costliest op)."""
-    c = float(size)
+def resized_crop(frames, h, w, sh, sw, y0, x0, size, fn, types, size_w=None):
+    """The ``size`` x ``size_w`` (default: square) window at (y0, x0) of the
+    frames resized from (h, w) to (sh, sw) (bilinear, antialiased when
+    shrinking), in DALI ops. Only the source window the output reads is
+    resized, with the whole frame's scale: the same sample positions and
+    filter as resizing whole frames and then cropping, for a fraction of the
+    work (the whole-frame resize was the CPU graph's costliest op)."""
+    ch = size
+    cw = size if size_w is None else size_w
     sy, sx = sh / h, sw / w
-    return fn.resize(frames, size=[c, c], roi_start=fn.stack(y0 / sy, x0 / sx),
-                     roi_end=fn.stack((y0 + c) / sy, (x0 + c) / sx), roi_relative=False,
+    out_size = [float(ch), float(cw)] if size_w is None else fn.stack(ch, cw)
+    return fn.resize(frames, size=out_size, roi_start=fn.stack(y0 / sy, x0 / sx),
+                     roi_end=fn.stack((y0 + ch) / sy, (x0 + cw) / sx), roi_relative=False,
                      antialias=True, interp_type=types.INTERP_LINEAR)
 
 
-class DALILoader:
-    def __init__(self, shards: Shards, spec: ClipSpec, *, batch_size: int, crop_size: int, train: bool,
-                 normalize: bool, device: str, rank: int, world_size: int, num_threads: int, seed: int,
-                 channels_last: bool, independent_crops: bool = False, num_clips: int = 1, num_crops: int = 1,
-                 drop_last: bool = False, initial_fill: int = 256, prefetch_queue_depth: int = 2,
-                 device_id: int | None = None, window_cut: bool | None = None, view_cut: str = "each"):
+class _Source:
+    """The graph's input for one epoch of one rank (see the module docstring):
+    called with DALI's BatchInfo, it returns per output a list over the batch's
+    samples. ``batches``: the epoch's sample batches (excluded samples already
+    replaced or left out); the first ``first_batch`` are skipped (resume)."""
+
+    def __init__(self, batches: list[list[int]], first_batch: int, videos: dict[int, int],
+                 times: dict[int, float | None], reader: MemberReader, sampler: ClipSampler, seed: int, epoch: int,
+                 window_cut: bool, view_cut: str):
+        self.batches, self.first_batch = batches, first_batch
+        self.videos, self.times, self.reader, self.sampler = videos, times, reader, sampler
+        self.seed, self.epoch, self.window_cut, self.view_cut = seed, epoch, window_cut, view_cut
+
+    def __call__(self, info):
+        b = self.first_batch + info.iteration
+        if info.epoch_idx > 0 or b >= len(self.batches):
+            raise StopIteration
+        rows = []
+        for sample in self.batches[b]:
+            try:
+                rows.append(self.sample(sample))
+            except Exception as e:  # named for the loader, which leaves the sample out and goes on
+                raise RuntimeError(f"{_SAMPLE_ERROR} {sample}: {type(e).__name__}: {e}") from None
+        return tuple(list(column) for column in zip(*rows))
+
+    def sample(self, sample: int) -> tuple:
+        """The outputs of one sample: per cut its bytes and relative frame ids,
+        per view its crop parameters and frame ids, the slow clip's crop
+        parameters (with independent crops), and [sample, video, label,
+        bytes read, clamped views]."""
+        video, reader = self.videos[sample], self.reader
+        before = reader.bytes_read
+        info, _ = reader.sample(video)
+        views = self.sampler.views(reader.clip_info(video, self.times[sample]),
+                                   sample_rng(self.seed, self.epoch, sample))
+        windows = list({id(v.frame_ids): v.frame_ids for v in views}.values())
+        groups = [windows] if self.view_cut == "cover" else [[w] for w in windows]
+        cuts = []
+        for group in groups:
+            ids = np.concatenate(group)
+            data, base, _ = reader.clip_bytes(video, int(ids.min()), int(ids.max()), self.window_cut)
+            cuts += [np.frombuffer(data, np.uint8), (ids - base).astype(np.int32)]
+        h, w, size = int(info["height"]), int(info["width"]), self.sampler.crop_size
+        per_view = [v.crop.params(h, w, size) for v in views] + [v.frame_ids for v in views]
+        slow = [views[0].slow_crop.params(h, w, size)] if self.sampler.independent_crops else []
+        meta = np.array([sample, int(info["index"]), int(info.get("label", -1)), reader.bytes_read - before,
+                         sum(v.clamped for v in views)], np.int64)
+        return (*cuts, *per_view, *slow, meta)
+
+
+class _Feed:
+    """A probe's source: iteration i is the i-th sample's cuts, a batch of one."""
+
+    def __init__(self, items: list[tuple]):
+        self.items = items
+
+    def __call__(self, i: int):
+        if i >= len(self.items):
+            raise StopIteration
+        return tuple([x] for x in self.items[i])
+
+
+def epoch_batches(order: list[int], batch_size: int, excluded: set[int], train: bool) -> list[list[int]]:
+    """An epoch's sample batches with the excluded samples handled: training
+    puts the last good sample in a lost one's place (the next good one at the
+    start), evaluation leaves it out (a batch that lost every sample is gone)."""
+    if train and excluded:
+        good = [s for s in order if s not in excluded]
+        if not good:
+            raise RuntimeError("dali loader: every sample of this rank's epoch failed to decode")
+        last, filled = good[0], []
+        for s in order:
+            last = s if s not in excluded else last
+            filled.append(last)
+        order = filled
+    elif excluded:
+        order = [s for s in order if s not in excluded]
+    return [b for b in (order[i:i + batch_size] for i in range(0, len(order), batch_size)) if b]
+
+
+class DALILoader(ClipLoader):
+    def __init__(self, shards: Shards, spec: ClipSpec, sampler: ClipSampler, *, batch_size: int, crop_size: int,
+                 train: bool, normalize: bool, device: str, rank: int, world_size: int, num_threads: int, seed: int,
+                 channels_last: bool, drop_last: bool = False, prefetch_queue_depth: int = 2,
+                 device_id: int | None = None, window_cut: bool | None = None, view_cut: str = "each",
+                 source_workers: int | None = None):
         if view_cut not in VIEW_CUTS:
             raise ValueError(f"dali backend: view_cut must be one of {VIEW_CUTS}, not {view_cut!r}")
-        self.num_clips, self.num_crops = (1, 1) if train else (num_clips, num_crops)
         device = str(device)
         self.on_gpu = device.startswith("cuda")
         check_decodable(shards, "cuda" if self.on_gpu else "cpu")
-        self.shards, self.spec = shards, spec
-        self.num_videos = shards.total
-        self.batch_size, self.crop_size, self.train, self.normalize = batch_size, crop_size, train, normalize
-        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
-        self.independent_crops, self.channels_last = independent_crops, channels_last
-        self.num_threads, self.initial_fill, self.prefetch = num_threads, initial_fill, prefetch_queue_depth
+        self._setup(shards, spec, sampler, batch_size=batch_size, crop_size=crop_size, train=train,
+                    normalize=normalize, device=device if self.on_gpu else "cpu", rank=rank,
+                    world_size=world_size, seed=seed, channels_last=channels_last, drop_last=drop_last)
+        self.normalize, self.channels_last = normalize, channels_last
+        self.num_threads, self.prefetch = num_threads, prefetch_queue_depth
+        # reading is cheap next to decoding: in this process on a CPU, in DALI's workers beside a GPU
+        self.source_workers = (2 if self.on_gpu else 0) if source_workers is None else source_workers
+        self.device_id = None
         if self.on_gpu:
-            self.device = torch.device(device)
             self.device_id = self.device.index if self.device.index is not None else (
                 device_id if device_id is not None else torch.cuda.current_device())
-        else:
-            self.device, self.device_id = torch.device("cpu"), None
-        self.epoch = 0
-        self.stats = LoaderStats()
-        self._iter = None
-        self.index_paths = [shards.idx(t) for t in shards.tars]
         tables = has_fragment_tables(shards)
         if window_cut and not tables:
             raise ValueError(f"dali backend: window_cut=True, but {shards.tars[0]} has no fragment tables "
@@ -159,215 +234,185 @@ class DALILoader:
                 "window. Re-pack with make_shards to decode only the window's fragments.", RuntimeWarning)
         # cut each member to its window (default where the shards allow); False: decode whole members
         self.window_cut = tables if window_cut is None else window_cut
-        self.view_cut = view_cut  # evaluation views: a cut per view, or one cut covering them all
-        self._patched = None  # folder of rewritten indices that leave out undecodable members
+        self.view_cut = view_cut  # evaluation views: a cut per temporal view, or one cut covering them all
+        self.excluded: set[int] = set()  # samples DALI could not decode, left out from then on
+        self._reader = None
+        self._cuts = 1 if view_cut == "cover" else self.num_clips
         views = [f"_{v}" for v in range(self._views())] if self._views() > 1 else [""]
-        self._outputs = ([f"fast{v}" for v in views] + [f"frame_ids{v}" for v in views] + ["index", "label"]
-                         + (["slow"] if independent_crops else []))
+        self._outputs = ([f"fast{v}" for v in views] + [f"params{v}" for v in views] + [f"frame_ids{v}" for v in views]
+                         + ["meta"] + (["slow"] if self.independent_crops else []))
 
-    def _views(self) -> int:
-        return self.num_clips * self.num_crops
+    # ------------------------------------------------------------------ the epoch's samples
+    def _source(self, first_batch: int) -> _Source:
+        order = self.shuffled(self.rank_samples())
+        videos, times = {}, {}
+        for s in order:
+            videos[s], times[s] = self.sample_video(s)
+        wanted = tuple(sorted(set(videos.values())))
+        if self._reader is None or self._reader[0] != wanted:  # this epoch's range: its tars' indices only
+            self._reader = (wanted, MemberReader(MemberIndex(self.shards, wanted)))
+        batches = epoch_batches(order, self.batch_size, self.excluded, self.train)
+        return _Source(batches, first_batch, videos, times, self._reader[1], self.sampler, self.seed, self.epoch,
+                       self.window_cut, self.view_cut)
 
     # ------------------------------------------------------------------ graph
-    def _crop(self, frames, fn, types, dmath, crop_idx: int = 1):
-        """crop_params of loaders.sampling, in DALI ops: the square at (y0, x0)
-        of the frames resized to short side S, flipped, normalised."""
-        shape = frames.shape()
-        h = fn.cast(shape[1], dtype=types.FLOAT)
-        w = fn.cast(shape[2], dtype=types.FLOAT)
-        lo, hi = scale_range(self.crop_size)
-        if self.train:
-            short = lo + dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * float(hi - lo + 1))
-        else:
-            short = h * 0.0 + float(lo)
-        short = dmath.max(short, float(self.crop_size))
-        tall = h > w  # as scaled_size: the short side becomes S, the long one rounds half up
-        sh = dmath.floor(fn.cast(tall, dtype=types.FLOAT) * (h * short / w + 0.5)
-                         + (1.0 - fn.cast(tall, dtype=types.FLOAT)) * short)
-        sw = dmath.floor((1.0 - fn.cast(tall, dtype=types.FLOAT)) * (w * short / h + 0.5)
-                         + fn.cast(tall, dtype=types.FLOAT) * short)
-        room_y, room_x = sh - float(self.crop_size), sw - float(self.crop_size)
-        if self.train:
-            y0 = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (room_y + 1.0))
-            x0 = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (room_x + 1.0))
-            mirror = fn.random.coin_flip()
-        else:
-            y0, x0, mirror = dmath.floor(room_y * 0.5), dmath.floor(room_x * 0.5), 0
-            if self.num_crops > 1:  # left/top, centre, right/bottom along the long side
-                frac = crop_idx / (self.num_crops - 1)
-                t = fn.cast(tall, dtype=types.FLOAT)
-                y0 = t * dmath.floor(room_y * frac + 0.5) + (1.0 - t) * y0
-                x0 = (1.0 - t) * dmath.floor(room_x * frac + 0.5) + t * x0
-        out = resized_crop(frames, h, w, sh, sw, y0, x0, self.crop_size, fn, types)
+    def _crop(self, frames, params, fn, types):
+        """The view's crop (its parameters from the sampler: Crop.params), flipped, normalised."""
+        p = [params[i] for i in range(9)]
+        out = resized_crop(frames, *p[:6], p[6], fn, types, size_w=p[7])
         mean, std = (list(MEAN), list(STD)) if self.normalize else ([0.0] * 3, [1.0] * 3)
-        return fn.crop_mirror_normalize(out, dtype=types.FLOAT, output_layout="CFHW", mean=mean, std=std,
-                                        mirror=mirror)
+        out = fn.crop_mirror_normalize(out, dtype=types.FLOAT, output_layout="CFHW", mean=mean, std=std,
+                                       mirror=fn.cast(p[8], dtype=types.INT32))
+        if isinstance(self.sampler, KeyframeClips) and not self.train:  # whole frames: pad to the batch's largest
+            out = fn.pad(out, axis_names="HW")
+        return out
 
-    def build_pipeline(self, decode_only: bool = False):
-        """The built DALI pipeline of the graph above. ``decode_only``: the
-        reader and the video decoder alone, with the decoded fast frames as
-        its one output (the loader benchmark's measure of what the rest of
-        the graph costs)."""
-        import nvidia.dali.math as dmath
+    def build_pipeline(self, decode_only: bool = False, first_batch: int = 0):
+        """The built DALI pipeline of the graph above for the current epoch.
+        ``decode_only``: the source and the video decoder alone, with the
+        decoded fast frames as its one output (the loader benchmark's measure
+        of what the rest of the graph costs)."""
         from nvidia.dali import fn, pipeline_def, types
-        spec = self.spec
+        source, views = self._source(first_batch), self._views()
+        n_in = 2 * self._cuts + 2 * views + (1 if self.independent_crops else 0) + 1
+        dtypes = ([types.UINT8, types.INT32] * self._cuts + [types.FLOAT] * views + [types.INT64] * views
+                  + [types.FLOAT] * (1 if self.independent_crops else 0) + [types.INT64])
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                      seed=self.seed * 1000 + self.rank, prefetch_queue_depth=self.prefetch,
-                      exec_dynamic=True)
+                      seed=self.seed * 1000 + self.rank, prefetch_queue_depth=self.prefetch, exec_dynamic=True,
+                      py_num_workers=max(1, self.source_workers), py_start_method="spawn")
         def graph():
-            tables = ["frag_bytes", "frag_frames"] if self.window_cut else []
-            video, nframes, ids, *fragments = fn.readers.webdataset(
-                paths=self.shards.tars, index_paths=self.index_paths,
-                ext=["mp4;webm;mkv", "nframes", "ids", *tables],
-                dtypes=[types.UINT8, types.INT32, types.INT64, *[types.INT64, types.INT32][:len(tables)]],
-                missing_component_behavior="error", random_shuffle=self.train, initial_fill=self.initial_fill,
-                shard_id=self.rank, num_shards=self.world_size, pad_last_batch=True, stick_to_shard=False,
-                shuffle_after_epoch=False, name="reader")
-            n = nframes[0]
-            offsets = types.Constant(np.arange(spec.fast_frames, dtype=np.int32) * spec.stride)
-            if self.train:
-                starts = dmath.max(n - spec.window + 1, 1)
-                start = fn.cast(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * fn.cast(starts, dtype=types.FLOAT)),
-                                dtype=types.INT32)
-                clip_ids = [(start + offsets) % n]
-            else:  # num_clips evenly spaced windows; one: the centre window
-                delta = dmath.max(n - spec.window, 0)
-                clip_ids = [(delta * (2 * k + 1) // (2 * self.num_clips) + offsets) % n for k in range(self.num_clips)]
-            clips = self._decode(video, fragments, clip_ids, fn, types)
+            inputs = fn.external_source(source=source, num_outputs=n_in, batch=True, batch_info=True,
+                                        parallel=self.source_workers > 0, dtype=dtypes)
+            cuts = inputs[:2 * self._cuts]
+            params = inputs[2 * self._cuts:2 * self._cuts + views]
+            frame_ids = inputs[2 * self._cuts + views:2 * self._cuts + 2 * views]
+            meta = inputs[-1]
+            decoded = [fn.decoders.video(cuts[2 * k], device="mixed" if self.on_gpu else "cpu", frames=cuts[2 * k + 1])
+                       for k in range(self._cuts)]
+            if self._cuts == 1 and self.num_clips > 1:  # one covering cut: each clip its slice of the frames
+                f = self.spec.fast_frames
+                decoded = [fn.slice(decoded[0], start=[k * f], shape=[f], axes=[0]) for k in range(self.num_clips)]
             if decode_only:
-                return clips[0] if len(clips) == 1 else fn.cat(*clips, axis=0)
-            fasts, view_ids = [], []
-            for clip, ids_k in zip(clips, clip_ids):
-                for j in range(self.num_crops):
-                    fasts.append(self._crop(clip, fn, types, dmath, crop_idx=j))
-                    view_ids.append(fn.cast(ids_k, dtype=types.INT64))
-            outputs = [*fasts, *view_ids, ids[0], ids[1]]
+                return decoded[0] if len(decoded) == 1 else fn.cat(*decoded, axis=0)
+            fasts = [self._crop(decoded[v // self.num_crops], params[v], fn, types) for v in range(views)]
+            outputs = [*fasts, *params, *frame_ids, meta]
             if self.independent_crops:  # (DALI's subscript ignores a step on a sequence: pick frames explicitly)
-                picked = fn.element_extract(clips[0], element_map=list(range(0, spec.fast_frames, spec.alpha)))
+                picked = fn.element_extract(decoded[0], element_map=list(range(0, self.spec.fast_frames,
+                                                                                self.spec.alpha)))
                 slow_frames = fn.reshape(fn.stack(*picked), layout="FHWC")
-                outputs.append(self._crop(slow_frames, fn, types, dmath))
+                outputs.append(self._crop(slow_frames, inputs[-2], fn, types))
             return tuple(outputs)
 
         pipe = graph()
-        pipe.build()
+        with warnings.catch_warnings():
+            if decode_only:  # (the source's other outputs are the full graph's)
+                warnings.filterwarnings("ignore", message=".*outputs at the indices .* are not used")
+            pipe.build()
         return pipe
 
-    def _decode(self, video, fragments: list, clip_ids: list, fn, types) -> list:
-        """The fast frames of every view (one view in training), decoded from
-        the member cut to the views' windows (one cut per view with
-        ``view_cut="each"``, one covering them all with "cover"), or from the
-        whole member when the shards carry no fragment tables."""
-        def decode(data, ids):
-            return fn.decoders.video(data, device="mixed" if self.on_gpu else "cpu", frames=ids)
-
-        def split(frames):
-            if len(clip_ids) == 1:
-                return [frames]
-            f = self.spec.fast_frames
-            return [fn.slice(frames, start=[k * f], shape=[f], axes=[0]) for k in range(len(clip_ids))]
-
-        every = clip_ids[0] if len(clip_ids) == 1 else fn.cat(*clip_ids, axis=0)
-        if not self.window_cut:
-            return split(decode(video, every))
-        if self.view_cut == "each":
-            return [decode(*cut_to_window(video, *fragments, ids, fn, types)) for ids in clip_ids]
-        return split(decode(*cut_to_window(video, *fragments, every, fn, types)))
-
     # ------------------------------------------------------------------ iteration
-    def __len__(self) -> int:
-        per_rank = len(rank_indices(self.shards.total, self.rank, self.world_size)[0]) * self._views()
-        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """DALI reshuffles by itself each epoch and rotates the rank shards;
-        the epoch is recorded for the checkpoint."""
-        self.epoch = epoch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": 0}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
-
-    def _iterator(self):
-        if self._iter is None:
-            from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-            policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-            self._iter = DALIGenericIterator([self.build_pipeline()], self._outputs,
-                                             reader_name="reader", last_batch_policy=policy, auto_reset=True,
-                                             last_batch_padded=False)
-        return self._iter
-
     def __iter__(self):
-        """A member DALI cannot decode costs its whole batch (DALI cannot skip
-        inside one): it is left out of a rewritten index and the pipeline is
-        rebuilt, which restarts the epoch. Training fills its steps from the
-        restarted epoch (``stats.substituted`` counts the lost batch's clips).
-        Evaluation yields every decodable video exactly once: after a rebuild
-        the videos already yielded are left out of the restarted epoch, which
-        runs to its end, so the lost batch's good videos come back, smaller."""
-        it, produced, rebuilt = None, 0, False
-        seen: set[int] = set()  # evaluation: the videos yielded this epoch
-        owed = len(rank_indices(self.shards.total, self.rank, self.world_size)[0])  # videos this rank yields
-        last = None  # the last video yielded, as a one-row batch (to pad with)
-        while produced < len(self) or (rebuilt and not self.train):
-            try:
-                with Timer(self.stats):
-                    if it is None:
-                        it = iter(self._iterator())  # (DALI's iterator runs its first batch here)
-                    out = next(it)
-            except StopIteration:
-                if not rebuilt or not self.train:
-                    return
-                it, rebuilt = None, False  # a rebuilt pipeline restarted its epoch: fill from the next one
-                continue
+        """This epoch's batches from batch ``_take_resume()`` on. A sample that
+        fails (DALI cannot decode it, or its bytes cannot be read) is found,
+        counted, warned and left out, and the epoch goes on from the batch that
+        failed with a rebuilt pipeline (see the module docstring)."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+        # (a DALI batch of B samples x V views yields V batches of B clips: resume at the sample batch)
+        yielded = self._take_resume() // self._views()  # source batches consumed so far
+        while True:
+            pipe = it = None
+            try:  # (the pipeline reads and the iterator runs its first batches as they are made)
+                pipe = self.build_pipeline(first_batch=yielded)
+                it = DALIGenericIterator([pipe], self._outputs, auto_reset=False, size=-1)
+                while True:
+                    try:
+                        with Timer(self.stats):
+                            out = next(it)
+                    except StopIteration:
+                        return
+                    yielded += 1
+                    meta = out[0]["meta"].cpu()
+                    self.stats.bytes_read += int(meta[:, 3].sum())
+                    self.stats.clamped += int(meta[:, 4].sum())
+                    for part in self._split_views(out[0]):
+                        yield self._finish(part)
             except RuntimeError as e:
-                bad = _bad_member(str(e))
-                if bad is None:
-                    raise
-                reason = next((ln.strip() for ln in str(e).splitlines() if ".tar:" in ln), str(e))
-                self._exclude(*bad, reason=reason[:300])
-                it, rebuilt = None, True
-                if self.train:
-                    self.stats.substituted += self.batch_size
-                continue
-            batch = out[0]
-            rows = batch["index"].reshape(-1).shape[0]
-            if not rebuilt and rows < min(self.batch_size, owed):
-                # DALI keeps ranks' batch counts equal by trimming the padding of a shorter shard, down to
-                # empty batches; the contract pads as rank_indices does: a rank repeats a video it read
-                batch = _pad_rows(batch, rows, min(self.batch_size, owed), last)
-            if batch["index"].numel():
-                last = {k: v[-1:] for k, v in batch.items()}
-                owed -= batch["index"].reshape(-1).shape[0]
-            if not self.train:
-                index = batch["index"].reshape(-1).tolist()
-                if rebuilt:
-                    keep = torch.tensor([i not in seen for i in index])
-                    if not keep.any():
-                        continue
-                    batch = {k: v[keep.to(v.device)] for k, v in batch.items()}
-                seen.update(index)
-            for part in self._split_views(batch):
-                produced += 1
-                yield self._finish(part)
+                self._leave_out(str(e), yielded)
+            finally:
+                del it, pipe
+
+    def _leave_out(self, message: str, failed_from: int) -> None:
+        """Exclude the sample(s) a failure names, or that fail alone among the batches it may come from."""
+        if _SAMPLE_ERROR in message:
+            line = next(ln for ln in message.splitlines() if _SAMPLE_ERROR in ln)
+            sample = int(line.split(_SAMPLE_ERROR, 1)[1].split(":", 1)[0])
+            bad = {sample: line.split(":", 1)[1].strip()}
+        else:
+            source = self._source(0)
+            candidates = [s for b in source.batches[failed_from:failed_from + self.prefetch + 1] for s in b]
+            bad = self._probe(source, candidates)
+            if not bad:
+                raise RuntimeError(message)
+            reason = next((ln.strip() for ln in message.splitlines() if "ailed" in ln or "rror" in ln), message)
+            bad = {s: reason[:300] for s in bad}
+        for sample, reason in bad.items():
+            if sample in self.excluded:
+                raise RuntimeError(f"dali loader: sample {sample} failed again after it was left out: {message}")
+            self.excluded.add(sample)
+            key = self._reader[1].describe(self.sample_video(sample)[0], sample if self.events is not None else None)
+            self.stats.skip(key, reason)
+            if self.train:
+                self.stats.substituted += 1
+            warnings.warn(f"dali loader: skipped {key}: {reason}", RuntimeWarning)
+
+    def _probe(self, source: _Source, samples: list[int]) -> list[int]:
+        """The samples whose cuts DALI fails to decode alone (one at a time)."""
+        from nvidia.dali import fn, pipeline_def, types
+        feeds = [(s, source.sample(s)) for s in dict.fromkeys(samples)]
+        bad, k = [], 0
+        while k < len(feeds):
+            rest = feeds[k:]
+            feed = _Feed([outputs[:2 * self._cuts] for _, outputs in rest])
+
+            @pipeline_def(batch_size=1, num_threads=1, device_id=self.device_id, exec_pipelined=False,
+                          exec_async=False, prefetch_queue_depth=1)
+            def probe():
+                cuts = fn.external_source(source=feed, num_outputs=2 * self._cuts, batch=True,
+                                          dtype=[types.UINT8, types.INT32] * self._cuts)
+                return tuple(fn.decoders.video(cuts[2 * j], device="mixed" if self.on_gpu else "cpu",
+                                               frames=cuts[2 * j + 1]) for j in range(self._cuts))
+
+            pipe = probe()
+            pipe.build()
+            for i in range(len(rest)):
+                try:
+                    pipe.run()
+                except RuntimeError:
+                    bad.append(rest[i][0])
+                    k += i + 1
+                    break
+            else:
+                k = len(feeds)
+            del pipe
+        return bad
 
     def _split_views(self, batch: dict):
-        """One DALI batch of B videos x V views -> batches of batch_size clips
+        """One DALI batch of B samples x V views -> batches of batch_size clips
         (sample-major, each clip with its ``view``), as the PyAV backend yields them."""
         V = self._views()
         if V == 1:
             yield batch
             return
-        B = batch["index"].shape[0]
-        fast = torch.stack([batch[f"fast_{v}"] for v in range(V)], 1).flatten(0, 1)
-        ids = torch.stack([batch[f"frame_ids_{v}"] for v in range(V)], 1).flatten(0, 1)
-        rep = {k: batch[k].view(-1).repeat_interleave(V) for k in ("index", "label")}
-        view = torch.arange(V).repeat(B)
+        B = batch["meta"].shape[0]
+
+        def stacked(name):
+            return torch.stack([batch[f"{name}_{v}"] for v in range(V)], 1).flatten(0, 1)
+
+        parts = {"fast": stacked("fast"), "params": stacked("params"), "frame_ids": stacked("frame_ids"),
+                 "meta": batch["meta"].repeat_interleave(V, 0), "view": torch.arange(V).repeat(B)}
         for s in range(0, B * V, self.batch_size):
-            yield {"fast": fast[s:s + self.batch_size], "frame_ids": ids[s:s + self.batch_size],
-                   "view": view[s:s + self.batch_size], **{k: v[s:s + self.batch_size] for k, v in rep.items()}}
+            yield {k: v[s:s + self.batch_size] for k, v in parts.items()}
 
     def _finish(self, batch: dict) -> dict:
         fast = batch["fast"]
@@ -375,45 +420,17 @@ class DALILoader:
         if self.channels_last:
             fast = fast.contiguous(memory_format=torch.channels_last_3d)
             slow = slow.contiguous(memory_format=torch.channels_last_3d)
+        meta = batch["meta"].cpu()
+        self._batches += 1
         self.stats.batches += 1
         self.stats.clips += fast.shape[0]
-        meta = {"label": batch["label"].view(-1), "index": batch["index"].view(-1), "frame_ids": batch["frame_ids"]}
+        out = {"slow": slow, "fast": fast, "label": meta[:, 2], "index": meta[:, 1],
+               "frame_ids": batch["frame_ids"].cpu().long()}
         if "view" in batch:
-            meta["view"] = batch["view"]
-        return {"slow": slow, "fast": fast, **{k: v.long().to(self.device, non_blocking=True) for k, v in meta.items()}}
+            out["view"] = batch["view"]
+        out = {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
+        if self.events is not None:
+            crops = [crop_from_params(p) for p in batch["params"].cpu()]
+            out.update(self.event_fields(meta[:, 0].tolist(), crops))
+        return out
 
-    def _exclude(self, tar: str, key: str, reason: str) -> None:
-        """A member DALI cannot decode: count and warn, leave its sample out of a
-        rewritten index (DALI cannot skip within a batch), rebuild the pipeline."""
-        self.stats.skip(f"{key} ({tar})", reason)
-        warnings.warn(f"dali loader: skipped {key} in {tar}: {reason}", RuntimeWarning)
-        if self._patched is None:
-            self._patched = tempfile.mkdtemp(prefix="vthcl_dali_idx_")
-        i = self.shards.tars.index(tar)
-        src = self.index_paths[i]
-        with open(src) as f:
-            header, *lines = f.read().splitlines()
-        keep = [line for line in lines if not line.split()[3].startswith(key + ".")]
-        if len(keep) == len(lines) or not keep:
-            raise RuntimeError(f"dali loader: cannot leave out {key} of {tar}: {reason}")
-        dst = os.path.join(self._patched, f"{i:06d}.idx")
-        with open(dst, "w") as f:
-            f.write(f"{header.split()[0]} {len(keep)}\n" + "\n".join(keep) + "\n")
-        self.index_paths[i] = dst
-        self._iter = None
-
-
-def _pad_rows(batch: dict, rows: int, want: int, last: dict | None) -> dict:
-    """``batch`` with ``want`` rows: its own last row (or the previous batch's) repeated."""
-    source = {k: v[-1:] for k, v in batch.items()} if rows else last
-    if source is None:
-        return batch
-    return {k: torch.cat([batch[k], source[k].expand(want - rows, *source[k].shape[1:])]) for k in batch}
-
-
-def _bad_member(message: str) -> tuple[str, str] | None:
-    """(tar, key) of the member a DALI error names as "<tar>:<offset>:<member>"."""
-    m = re.search(r"([^\s\"']+\.tar):(\d+):([^\s\"']+)", message)
-    if not m:
-        return None
-    return m.group(1), m.group(3).split(".", 1)[0]

@@ -13,41 +13,40 @@ reader in one place; ``shard_tools/make_ffcv.py`` writes it):
     the label (-1: unlabeled) and the video's position in the shards'
     manifest (the memory-bank row).
 
-The video metadata also has an ``epoch`` column, written as 0: not data but
-a run-time input. A compiled FFCV op sees its closure as constants, so the
-loader writes the current epoch into that column of its in-memory metadata
-before each epoch instead of rebuilding (and recompiling) the pipeline.
+The video metadata also has an ``epoch`` column, written as 0 (a run-time
+slot kept for files written with it). What a clip takes comes from the
+sampling policy every backend shares (:mod:`loaders.sampling`): before each
+epoch the loader asks its sampler for every sample's view, drawn from
+``(seed, epoch, index)`` as in the other backends, and writes the plan —
+the fast frame ids, the resized size, the crop's corner and the mirror —
+into columns of its in-memory metadata. A compiled FFCV op sees its closure
+as constants, so the metadata is how a plan reaches it without rebuilding
+(and recompiling) the pipeline.
 
 The pipeline, declared once (ffcv-imagenet style)::
 
-    video  -> ClipDecoder      choose the window, decode its alpha*slow_frames
-                               JPEGs, resize (short side), crop, flip
+    video  -> ClipDecoder      decode the plan's alpha*slow_frames JPEGs,
+                               resize (short side), crop, flip
                                -> uint8 [B, 3, T, S, S]
-    video  -> FrameIdsDecoder  the same window -> int64 [B, T]
+    video  -> FrameIdsDecoder  the plan's frame ids -> int64 [B, T]
     label, index -> IntDecoder
     main thread: torch, device, normalise, slow = fast[:, :, ::alpha]
 
-Both decoders draw from one counter-based hash of ``(seed, epoch, index,
-draw)``, so ``frame_ids`` always names the frames in ``fast``, in any thread
-and run. One ``ffcv.Loader`` is compiled per loader, once. Order:
+``frame_ids`` always names the frames in ``fast``, in any thread and run.
+One ``ffcv.Loader`` is compiled per loader, once. Order:
 QUASI_RANDOM in training (page-local shuffling, for datasets larger than
 RAM) with ``os_cache=False``; RANDOM with ``os_cache=True``; sequential in
 evaluation. Ranks read contiguous ranges of the file (the rotation of
 :func:`loaders.ranks.rank_indices`), because FFCV's QUASI_RANDOM has no
 ``distributed=True``.
 
-Spatial sampling follows :func:`loaders.sampling.crop_params` (the same
-distribution, drawn from the hash: a short side in [8/7, 10/7]·crop, a crop,
-a coin-flip mirror; the centre at 8/7 in evaluation): the frame is resized
-whole, then cropped, as in the PyAV
-backend, so in evaluation both give the same pixels up to JPEG and
-resampling differences. Bad videos never reach a .beton (make_ffcv
+The frame is resized whole, then cropped, so in evaluation the PyAV backend
+and this one give the same pixels up to JPEG and resampling differences. Bad videos never reach a .beton (make_ffcv
 reports them in ``OUT.failed.jsonl``). Not supported here: multi-view
 evaluation and independent crops (use the pyav or dali backend).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -66,10 +65,10 @@ from ffcv.traversal_order import QuasiRandom
 from ffcv.traversal_order.base import TraversalOrder
 from numba import njit
 
-from loaders.batching import Normalizer
+from loaders.base import ClipLoader
 from loaders.ranks import rank_indices
-from loaders.sampling import ClipSpec, scale_range, scaled_size
-from loaders.state import EpochState, LoaderStats, Timer
+from loaders.sampling import ClipInfo, ClipSampler, ClipSpec, sample_rng, scale_range, scaled_size
+from loaders.state import Timer
 
 ORDERS = ("quasi_random", "random", "sequential")
 
@@ -117,40 +116,10 @@ class JPEGVideoField(Field):
 FIELDS = {"video": JPEGVideoField, "label": IntField, "index": IntField}
 
 
-# --------------------------------------------------------------------------- random draws
-@njit(cache=True)
-def _mix(x):
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-@njit(cache=True)
-def draw(seed, epoch, index, k, n):
-    """A uniform integer in [0, n) for draw ``k`` of sample ``index``
-    (splitmix64 over the four numbers): the same in every thread and run."""
-    h = _mix(np.uint64(seed) + np.uint64(0x9E3779B97F4A7C15))
-    h = _mix(h ^ np.uint64(epoch))
-    h = _mix(h ^ np.uint64(index))
-    h = _mix(h ^ np.uint64(k))
-    return np.int64(h % np.uint64(n))
-
-
-@njit(cache=True)
-def window_start(seed, epoch, index, num_frames, window, train):
-    delta = num_frames - window
-    if delta <= 0:
-        return 0
-    if train:
-        return draw(seed, epoch, index, 0, delta + 1)
-    return delta // 2
-
-
-@njit(cache=True)
-def _scaled(height, width, short):
-    if height <= width:
-        return short, np.int64(math.floor(width * short / height + 0.5))
-    return np.int64(math.floor(height * short / width + 0.5)), short
+def plan_dtype(spec: ClipSpec) -> np.dtype:
+    """The plan columns the loader adds to the video metadata: a view of the sampler."""
+    return np.dtype([("frame_ids", "<i8", (spec.fast_frames,)), ("scaled_h", "<i8"), ("scaled_w", "<i8"),
+                     ("y0", "<i8"), ("x0", "<i8"), ("flip", "<i8")])
 
 
 @njit(cache=True)
@@ -185,16 +154,13 @@ class FrameIdsDecoder(_VideoOp):
             AllocationQuery(shape, np.dtype("<i8"))
 
     def generate_code(self):
-        seed, train = self.seed, self.train
-        window, stride, frames = self.spec.window, self.spec.stride, self.spec.fast_frames
+        frames = self.spec.fast_frames
 
         def decode(batch_indices, destination, metadata, storage_state):
             for i in range(len(batch_indices)):
                 m = metadata[batch_indices[i]]
-                n = np.int64(m["num_frames"])
-                start = window_start(seed, m["epoch"], m["index"], n, window, train)
                 for t in range(frames):
-                    destination[i, t] = (start + stride * t) % n
+                    destination[i, t] = m["frame_ids"][t]
             return destination[:len(batch_indices)]
 
         return decode
@@ -221,31 +187,21 @@ class ClipDecoder(_VideoOp):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c, resize_c = _imdecode, _resize
-        seed, train, s = self.seed, self.train, self.crop_size
-        window, stride, frames = self.spec.window, self.spec.stride, self.spec.fast_frames
-        lo, hi = scale_range(s)
+        s, frames = self.crop_size, self.spec.fast_frames
 
         def decode(batch_indices, storage, metadata, storage_state):
             destination, decoded, resized = storage
             for i in my_range(len(batch_indices)):
                 m = metadata[batch_indices[i]]
                 data = mem_read(m["ptr"], storage_state)
-                n, index, epoch = np.int64(m["num_frames"]), m["index"], m["epoch"]
+                n = np.int64(m["num_frames"])
                 height, width = np.int64(m["height"]), np.int64(m["width"])
-                start = window_start(seed, epoch, index, n, window, train)
-                short = lo + draw(seed, epoch, index, 1, hi - lo + 1) if train else lo
-                h, w = _scaled(height, width, max(short, s))
-                if train:
-                    y0 = draw(seed, epoch, index, 2, h - s + 1)
-                    x0 = draw(seed, epoch, index, 3, w - s + 1)
-                    flip = draw(seed, epoch, index, 4, 2) == 1
-                else:
-                    y0, x0, flip = (h - s) // 2, (w - s) // 2, False
+                h, w, y0, x0, flip = m["scaled_h"], m["scaled_w"], m["y0"], m["x0"], m["flip"] == 1
                 frame = decoded[i][:height * width * 3].reshape(height, width, 3)
                 big = resized[i][:h * w * 3].reshape(h, w, 3)
                 base = 4 * (n + 1)
                 for t in range(frames):
-                    k = (start + stride * t) % n
+                    k = m["frame_ids"][t]
                     jpeg = data[base + _u32(data, k):base + _u32(data, k + 1)]
                     imdecode_c(jpeg, frame, height, width, height, width, 0, 0, 1, 1, False, False)
                     resize_c(frame, 0, height, 0, width, big)
@@ -293,14 +249,14 @@ class _RankOrder(TraversalOrder):
 
 
 # --------------------------------------------------------------------------- loader
-class FFCVLoader(EpochState):
+class FFCVLoader(ClipLoader):
     """Iterates batches of the contract from a .beton; see :func:`loaders.build_loader`."""
 
-    def __init__(self, path: str, spec: ClipSpec, *, batch_size: int, crop_size: int, train: bool, normalize: bool,
-                 device: str, rank: int, world_size: int, num_workers: int, seed: int, channels_last: bool,
-                 os_cache: bool = False, order: str | None = None, drop_last: bool = False, batches_ahead: int = 3,
-                 num_clips: int = 1, num_crops: int = 1, independent_crops: bool = False):
-        if (not train and num_clips * num_crops > 1) or independent_crops:
+    def __init__(self, path: str, spec: ClipSpec, sampler: ClipSampler, *, batch_size: int, crop_size: int,
+                 train: bool, normalize: bool, device: str, rank: int, world_size: int, num_workers: int, seed: int,
+                 channels_last: bool, os_cache: bool = False, order: str | None = None, drop_last: bool = False,
+                 batches_ahead: int = 3):
+        if sampler.num_views > 1 or sampler.independent_crops:
             raise ValueError("ffcv backend: multi-view evaluation and independent crops are not supported; "
                              "use the pyav or dali backend")
         order = order or ("sequential" if not train else "random" if os_cache else "quasi_random")
@@ -316,13 +272,13 @@ class FFCVLoader(EpochState):
         if set(reader.field_names) != set(FIELDS):
             raise ValueError(f"{path}: fields {reader.field_names}, expected {list(FIELDS)} "
                              "(write it with shard_tools/make_ffcv.py)")
-        self.total = int(reader.num_samples)
-        if self.total == 0:
+        if int(reader.num_samples) == 0:
             raise ValueError(f"{path}: the dataset holds no videos")
-        self.path, self.spec, self.batch_size, self.train, self.seed = str(path), spec, batch_size, train, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.finish = Normalizer(spec.alpha, normalize, device, channels_last)
-        self.stats = LoaderStats()
+        self.path = str(path)
+        self._setup(None, spec, sampler, batch_size=batch_size, crop_size=crop_size, train=train,
+                    normalize=normalize, device=device, rank=rank, world_size=world_size, seed=seed,
+                    channels_last=channels_last, drop_last=drop_last, num_videos=0)
+        self.total = int(reader.num_samples)
         self.order = _RankOrder(order, self)
         args = (spec, crop_size, train, seed)
         pipelines = {"fast": PipelineSpec("video", decoder=ClipDecoder(*args)),
@@ -334,13 +290,22 @@ class FFCVLoader(EpochState):
                              drop_last=drop_last, batches_ahead=batches_ahead)
         torch.set_num_threads(threads)  # FFCV sets torch's threads to its worker count; keep the caller's
         self.names = list(self.loader.pipeline_specs)
-        # the run-time epoch column (see the module docstring) lives in a writable copy of the metadata
-        self.loader.reader.metadata = self.loader.reader.metadata.copy()
-        self.video_meta = self.loader.reader.metadata[f"f{reader.field_names.index('video')}"]
+        # the plan columns (see the module docstring) live in an extended copy of the metadata
+        field = f"f{reader.field_names.index('video')}"
+        self.loader.reader.metadata = _with_plan(self.loader.reader.metadata, field, plan_dtype(spec))
+        self.video_meta = self.loader.reader.metadata[field]
         self.num_videos = int(self.video_meta["index"].max()) + 1  # bank rows: manifest positions
 
-    def samples_per_epoch(self) -> int:
-        return len(rank_indices(self.total, self.rank, self.world_size, self.epoch)[0])
+    def _plan(self) -> None:
+        """Write this epoch's view of each of this rank's samples into the plan columns."""
+        m = self.video_meta
+        for p in dict.fromkeys(self.rank_samples()):
+            info = ClipInfo(int(m["num_frames"][p]), int(m["height"][p]), int(m["width"][p]), float(m["fps"][p]))
+            (view,) = self.sampler.views(info, sample_rng(self.seed, self.epoch, int(m["index"][p])))
+            m["frame_ids"][p] = view.frame_ids
+            c = view.crop
+            m["scaled_h"][p], m["scaled_w"][p], m["y0"][p], m["x0"][p], m["flip"][p] = \
+                c.height, c.width, c.y0, c.x0, int(c.flip)
 
     def __iter__(self):
         start = self._take_resume()
@@ -349,6 +314,7 @@ class FFCVLoader(EpochState):
             return
         self.order.skip = start * self.batch_size
         self.video_meta["epoch"] = self.epoch
+        self._plan()
         threads = torch.get_num_threads()
         it = iter(self.loader)
         torch.set_num_threads(threads)
@@ -358,16 +324,25 @@ class FFCVLoader(EpochState):
                     out = next(it, None)
                 if out is None:
                     break
-                yield self._emit(dict(zip(self.names, out)))
+                self._batches += 1
+                meta = {"label": torch.from_numpy(out[self.names.index("label")].reshape(-1).copy()),
+                        "index": torch.from_numpy(out[self.names.index("index")].reshape(-1).copy()),
+                        "frame_ids": torch.from_numpy(out[self.names.index("frame_ids")].copy())}
+                yield self.batch(torch.from_numpy(out[self.names.index("fast")]), None, meta)
         finally:
             it.close()
 
-    def _emit(self, out: dict) -> dict:
-        self._batches += 1
-        self.stats.batches += 1
-        fast = torch.from_numpy(out["fast"])
-        self.stats.clips += fast.shape[0]
-        meta = {"label": torch.from_numpy(out["label"].reshape(-1).copy()),
-                "index": torch.from_numpy(out["index"].reshape(-1).copy()),
-                "frame_ids": torch.from_numpy(out["frame_ids"].copy())}
-        return self.finish(fast, None, meta)
+
+def _with_plan(metadata: np.ndarray, field: str, plan: np.dtype) -> np.ndarray:
+    """A copy of FFCV's metadata whose ``field`` record also has the ``plan`` columns (zeros)."""
+    names = metadata.dtype.names
+    inner = metadata.dtype[field]
+    extended = np.dtype([(n, metadata.dtype[n] if n != field else np.dtype(inner.descr + plan.descr)) for n in names])
+    out = np.zeros(metadata.shape, extended)
+    for n in names:
+        if n == field:
+            for k in inner.names:
+                out[n][k] = metadata[n][k]
+        else:
+            out[n] = metadata[n]
+    return out

@@ -1,12 +1,13 @@
 """The PyAV backend: a webdataset pipeline decoding clips on CPU workers.
 
-Stages (one readable pipeline, webdataset-style)::
+Stages (one readable pipeline, webdataset-style), for a video dataset::
 
     this rank's samples (contiguous manifest ranges, from the .idx byte offsets)
       -> chunks of consecutive samples, shuffled           (train)
       -> split by DataLoader worker
       -> tar byte ranges -> webdataset tar expander -> group by key
       -> shuffle buffer before decoding                   (train)
+      -> the sampler's views (loaders.sampling): frame ids and crops
       -> decode only the window: the member cut to the fragments that hold
          it (KEY.frag_bytes/frag_frames; older shards: a seek to the keyframe
          before it), decoded to its last frame, skipping disposable frames
@@ -16,11 +17,17 @@ Stages (one readable pipeline, webdataset-style)::
          crop, flip
          (uint8 to the main process)
     main process: batch -> float, normalised clip by clip (CPU), or
-        pinned memory -> device -> float, normalise (GPU)
+        pinned memory -> device -> float, normalise (GPU); an event
+        dataset's fields (loaders.events)
+
+For an event dataset (long videos, one sample per event) the samples are
+this rank's events, shuffled in training and split by worker; each reads
+from its tar only the json, the fragment table and the bytes its window
+needs (``os.pread``, :mod:`loaders.members`), then decodes as above.
 
 Every random choice of a sample (window start, crop, flip) comes from
-``(seed, epoch, index)``, so the same sample gets the same clip in any
-worker, rank or run, and a resumed epoch replays exactly.
+``(seed, epoch, sample)``, so the same sample gets the same clip in any
+worker, rank, backend or run, and a resumed epoch replays exactly.
 """
 from __future__ import annotations
 
@@ -38,14 +45,12 @@ import webdataset as wds
 from av.video.reformatter import VideoReformatter
 from webdataset import tariterators
 
-from loaders.batching import Normalizer
+from loaders.base import ClipLoader
 from loaders.fragments import FRAGMENT_MEMBERS, Fragments
-from loaders.ranks import rank_indices
-from loaders.sampling import ClipSpec, Crop, crop_params, sample_rng
+from loaders.members import VIDEO_EXTS, MemberIndex, MemberReader
+from loaders.sampling import ClipInfo, ClipSampler, ClipSpec, Crop, sample_rng
 from loaders.shards import Shards
-from loaders.state import EpochState, LoaderStats, Timer
-
-VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+from loaders.state import Timer
 
 
 # --------------------------------------------------------------------------- byte ranges
@@ -223,7 +228,8 @@ def _window(lo: int, size: int, scale: float, extent: int) -> tuple[int, int, in
 
 
 def crop_clip(frames: list, crop: Crop, size: int) -> torch.Tensor:
-    """PyAV frames -> uint8 [3, T, size, size] of ``crop``.
+    """PyAV frames -> uint8 [3, T, h, w] of ``crop`` (h x w: its output shape,
+    the ``size`` square unless it says otherwise).
 
     RGB at the decoded size (swscale's unscaled path, one pass per distinct
     frame). Where the crop needs no resize (evaluation at the shards' short
@@ -240,17 +246,18 @@ def crop_clip(frames: list, crop: Crop, size: int) -> torch.Tensor:
         if id(f) not in rgb:
             rgb[id(f)] = _rgb(f)
     height, width = rgb[id(frames[0])].shape[:2]
+    oh, ow = crop.shape(size)
     if (crop.height, crop.width) == (height, width):
-        x = torch.from_numpy(np.stack([rgb[id(f)][crop.y0:crop.y0 + size, crop.x0:crop.x0 + size]
+        x = torch.from_numpy(np.stack([rgb[id(f)][crop.y0:crop.y0 + oh, crop.x0:crop.x0 + ow]
                                        for f in frames])).permute(3, 0, 1, 2)
     else:
         sy, sx = crop.height / height, crop.width / width
-        ya, yb, oy = _window(crop.y0, size, sy, height)
-        xa, xb, ox = _window(crop.x0, size, sx, width)
+        ya, yb, oy = _window(crop.y0, oh, sy, height)
+        xa, xb, ox = _window(crop.x0, ow, sx, width)
         src = torch.from_numpy(np.stack([rgb[id(f)][ya:yb, xa:xb] for f in frames])).permute(0, 3, 1, 2)
         # F.interpolate's op with both the output size and the whole frame's scale (the grid)
-        x = torch.ops.aten._upsample_bilinear2d_aa(src, [oy + size, ox + size], False, sy, sx)
-        x = x[:, :, oy:oy + size, ox:ox + size].transpose(0, 1)
+        x = torch.ops.aten._upsample_bilinear2d_aa(src, [oy + oh, ox + ow], False, sy, sx)
+        x = x[:, :, oy:oy + oh, ox:ox + ow].transpose(0, 1)
     # the [3, T, S, S] layout copy in torch (numpy's transposing copy took twice as long), then the mirror
     x = x.contiguous()
     return x.flip(-1) if crop.flip else x
@@ -258,58 +265,60 @@ def crop_clip(frames: list, crop: Crop, size: int) -> torch.Tensor:
 
 @dataclass
 class ClipMaker:
-    """Turns one webdataset sample into its clip(s); runs in the workers."""
-    spec: ClipSpec
-    crop_size: int
-    train: bool
+    """Turns one sample into its clips (one per view of the sampler); runs in the workers."""
+    sampler: ClipSampler
     seed: int
     epoch: int
-    independent_crops: bool = False
-    num_clips: int = 1
-    num_crops: int = 1
     threads: int = 1
     window_cut: bool = True  # decode a window from its fragments where the shards carry the table
 
     def __call__(self, sample: dict):
-        """All clips of the sample, or (a member that fails in any of its views)
-        one ``__skip__`` item in their place: a video is whole or not at all."""
-        key = sample.get("__key__", "?")
+        """All clips of a webdataset sample (a video), or (a member that fails
+        in any of its views) one ``__skip__`` item in their place: a video is
+        whole or not at all."""
         try:
-            clips = list(self._clips(sample))
+            clips = list(self._video_clips(sample))
         except Exception as e:  # a corrupt member: reported to the main process, the epoch goes on
+            key = sample.get("__key__", "?")
             clips = [{"__skip__": f"{type(e).__name__}: {e}", "__key__": f"{key} ({sample.get('__url__', '')})"}]
         yield from clips
 
-    def _clips(self, sample: dict):
+    def _video_clips(self, sample: dict):
         import json
         info = json.loads(sample["json"])
         ext = next((e for e in VIDEO_EXTS if e in sample), None)
         if ext is None:
             raise ValueError(f"no video member (has {sorted(k for k in sample if not k.startswith('__'))})")
-        n, fps, index = int(info["num_frames"]), float(info["fps"]), int(info["index"])
-        label = int(info.get("label", -1))
-        rng = sample_rng(self.seed, self.epoch, index)
-        views = 0
-        h, w = int(info["height"]), int(info["width"])
+        index = int(info["index"])
         fragments = Fragments.from_members(*(sample[m] for m in FRAGMENT_MEMBERS)) \
             if self.window_cut and all(m in sample for m in FRAGMENT_MEMBERS) else None
-        for clip_idx, start in enumerate(self.spec.starts(n, self.train, rng, self.num_clips)):
-            ids = self.spec.frame_ids(start, n)
-            frames = decode_frames(sample[ext], ids, fps, self.threads, fragments)
-            for crop_idx in range(1 if self.train else self.num_crops):
-                crop = crop_params(h, w, self.crop_size, self.train, rng, crop_idx, self.num_crops)
-                out = {"fast": crop_clip(frames, crop, self.crop_size), "label": label, "index": index,
-                       # a list: pickled inline (the DataLoader would turn an array into a shared-memory tensor)
-                       "frame_ids": ids.tolist(), "view": views}
-                if self.independent_crops:
-                    slow_crop = crop_params(h, w, self.crop_size, self.train, rng, crop_idx, self.num_crops)
-                    out["slow"] = crop_clip(frames[:: self.spec.alpha], slow_crop, self.crop_size)
-                views += 1
-                yield out
+
+        def decode(ids):
+            return decode_frames(sample[ext], ids, float(info["fps"]), self.threads, fragments)
+
+        meta = {"label": int(info.get("label", -1)), "index": index}
+        yield from self.clips(ClipInfo.from_json(info), index, decode, meta)
+
+    def clips(self, info: ClipInfo, sample: int, decode, meta: dict):
+        """The clip of each view of a sample: ``decode(frame_ids)`` gives PyAV
+        frames (once per window), the crop is taken from them."""
+        frames, views = {}, self.sampler.views(info, sample_rng(self.seed, self.epoch, sample))
+        size = self.sampler.crop_size
+        for v, view in enumerate(views):
+            key = id(view.frame_ids)
+            if key not in frames:
+                frames[key] = decode(view.frame_ids)
+            out = {"fast": crop_clip(frames[key], view.crop, size), **meta,
+                   # a list: pickled inline (the DataLoader would turn an array into a shared-memory tensor)
+                   "frame_ids": view.frame_ids.tolist(), "view": v, "clamped": view.clamped,
+                   "crop": view.crop}
+            if view.slow_crop is not None:
+                out["slow"] = crop_clip(frames[key][:: self.sampler.spec.alpha], view.slow_crop, size)
+            yield out
 
 
 class _Clips(torch.utils.data.IterableDataset):
-    """This rank's clips for one epoch, split across DataLoader workers."""
+    """This rank's clips of a video dataset for one epoch, split across DataLoader workers."""
 
     def __init__(self, chunks, maker: ClipMaker, shuffle_buffer: int, skip: int, seed: int, epoch: int, rank: int):
         self.chunks, self.maker = chunks, maker
@@ -323,7 +332,7 @@ class _Clips(torch.utils.data.IterableDataset):
             torch.set_num_threads(1)
         mine = self.chunks[wid::nw]
         stages = [lambda: iter(mine), _open_ranges, tariterators.tar_file_expander, tariterators.group_by_keys]
-        if self.maker.train and self.shuffle_buffer > 1:
+        if self.maker.sampler.train and self.shuffle_buffer > 1:
             rng = random.Random(hash((self.seed, self.epoch, self.rank, wid)))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
         skip = len(range(wid, self.skip, nw))  # resume: this worker's share of samples already consumed
@@ -333,47 +342,84 @@ class _Clips(torch.utils.data.IterableDataset):
         return iter(wds.DataPipeline(*stages))
 
 
-class PyAVLoader(EpochState):
+class _EventClips(torch.utils.data.IterableDataset):
+    """This rank's clips of an event dataset for one epoch: events in reading
+    order, split across DataLoader workers; each reads its window's bytes."""
+
+    def __init__(self, events: list[int], videos: list[int], times: list[float], reader: MemberReader,
+                 maker: ClipMaker, skip: int):
+        self.events, self.videos, self.times = events, videos, times
+        self.reader, self.maker, self.skip = reader, maker, skip
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        if info:
+            torch.set_num_threads(1)
+        for i in range(self.skip + wid, len(self.events), nw):
+            yield from self._clips(self.events[i], self.videos[i], self.times[i])
+
+    def _clips(self, event: int, video: int, time: float):
+        reader, maker = self.reader, self.maker
+        try:
+            before = reader.bytes_read
+            info, _ = reader.sample(video)
+            meta = {"label": int(info.get("label", -1)), "index": video, "event": event}
+
+            def decode(ids):
+                data, base, cut = reader.clip_bytes(video, int(ids.min()), int(ids.max()), maker.window_cut)
+                return _decode(data, [int(i) - base for i in ids], float(info["fps"]), maker.threads, seek=not cut)
+
+            clips = list(maker.clips(ClipInfo.from_json(info, time), event, decode, meta))
+            clips[0]["bytes_read"] = reader.bytes_read - before
+        except Exception as e:  # a corrupt member or range: reported to the main process, the epoch goes on
+            clips = [{"__skip__": f"{type(e).__name__}: {e}", "__key__": reader.describe(video, event)}]
+        yield from clips
+
+
+class PyAVLoader(ClipLoader):
     """Iterates batches of the contract; see :func:`loaders.build_loader`."""
 
-    def __init__(self, shards: Shards, spec: ClipSpec, *, batch_size: int, crop_size: int, train: bool,
-                 normalize: bool, device: str, rank: int, world_size: int, num_workers: int, seed: int,
-                 channels_last: bool, independent_crops: bool = False, num_clips: int = 1, num_crops: int = 1,
-                 shuffle_buffer: int = 256, chunk_size: int = 64, drop_last: bool = False,
+    def __init__(self, shards: Shards, spec: ClipSpec, sampler: ClipSampler, *, batch_size: int, crop_size: int,
+                 train: bool, normalize: bool, device: str, rank: int, world_size: int, num_workers: int, seed: int,
+                 channels_last: bool, shuffle_buffer: int = 256, chunk_size: int = 64, drop_last: bool = False,
                  pin_memory: bool | None = None, decode_threads: int = 1, window_cut: bool | None = None):
-        self.shards, self.spec = shards, spec
-        self.batch_size, self.crop_size, self.train = batch_size, crop_size, train
-        self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
-        self.independent_crops = independent_crops
-        self.num_clips, self.num_crops = (1, 1) if train else (num_clips, num_crops)
-        self.shuffle_buffer, self.chunk_size, self.drop_last = shuffle_buffer, chunk_size, drop_last
+        # the workers take the cores: the main process finishes its batches on one thread (OpenMP threads
+        # of its own would compete with them and spin)
+        self._setup(shards, spec, sampler, batch_size=batch_size, crop_size=crop_size, train=train,
+                    normalize=normalize, device=device, rank=rank, world_size=world_size, seed=seed,
+                    channels_last=channels_last, drop_last=drop_last, threads=1 if num_workers else None)
+        self.num_workers = num_workers
+        self.shuffle_buffer, self.chunk_size = shuffle_buffer, chunk_size
         self.decode_threads = decode_threads
         # None/True: cut members to their windows where the shards carry fragment tables; False: seek in
         # the whole member (both measured side by side in the loader benchmark)
         self.window_cut = window_cut is not False
-        self.device = torch.device(device)
         self.pin_memory = (self.device.type == "cuda") if pin_memory is None else pin_memory
-        # the workers take the cores: the main process finishes its batches on one thread (OpenMP threads
-        # of its own would compete with them and spin: 0.62 instead of 0.77 of the codec limit on 2 cores)
-        self.finish = Normalizer(spec.alpha, normalize, self.device, channels_last, 1 if num_workers else None)
-        self.index = SampleIndex(shards)
-        self.num_videos = shards.total
-        self.stats = LoaderStats()
+        self.index = SampleIndex(shards) if self.events is None else None
+        self._readers: dict = {}
 
-    def _views(self) -> int:
-        return self.num_clips * self.num_crops
+    def _maker(self) -> ClipMaker:
+        return ClipMaker(self.sampler, self.seed, self.epoch, self.decode_threads, self.window_cut)
 
-    def samples_per_epoch(self) -> int:
-        return len(rank_indices(len(self.index), self.rank, self.world_size, self.epoch)[0]) * self._views()
+    def _reader(self, videos: list[int]) -> MemberReader:
+        """A byte-range reader over the videos of this epoch's events (their tars' indices only)."""
+        key = tuple(sorted(set(videos)))
+        if key not in self._readers:
+            self._readers = {key: MemberReader(MemberIndex(self.shards, key))}
+        return self._readers[key]
 
-    def _dataset(self, skip_samples: int) -> _Clips:
-        positions, _ = rank_indices(len(self.index), self.rank, self.world_size, self.epoch)
-        chunks = self.index.chunks(positions, self.chunk_size if self.train else max(1, len(positions)))
+    def _dataset(self, skip_samples: int):
+        samples = self.rank_samples()
+        if self.events is not None:
+            order = self.shuffled(samples)
+            videos = [int(self.events.video[e]) for e in order]
+            times = [float(self.events.time[e]) for e in order]
+            return _EventClips(order, videos, times, self._reader(videos), self._maker(), skip_samples)
+        chunks = self.index.chunks(samples, self.chunk_size if self.train else max(1, len(samples)))
         if self.train:
             random.Random(hash((self.seed, self.epoch, self.rank))).shuffle(chunks)
-        maker = ClipMaker(self.spec, self.crop_size, self.train, self.seed, self.epoch, self.independent_crops,
-                          self.num_clips, self.num_crops, self.decode_threads, self.window_cut)
-        return _Clips(chunks, maker, self.shuffle_buffer, skip_samples, self.seed, self.epoch, self.rank)
+        return _Clips(chunks, self._maker(), self.shuffle_buffer, skip_samples, self.seed, self.epoch, self.rank)
 
     def _workers(self, skip_samples: int = 0) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
@@ -408,6 +454,9 @@ class PyAVLoader(EpochState):
                 self.stats.skip(item["__key__"], item["__skip__"])
                 warnings.warn(f"pyav loader: skipped {item['__key__']}: {item['__skip__']}", RuntimeWarning)
                 item = None
+            else:
+                self.stats.clamped += item.pop("clamped")
+                self.stats.bytes_read += item.pop("bytes_read", 0)
             yield item
 
     def _train_batches(self, items, total: int):
@@ -435,7 +484,7 @@ class PyAVLoader(EpochState):
             yield self._emit(batch)
 
     def _eval_batches(self, items, total: int):
-        """Evaluation: every decodable video exactly once. A lost member's
+        """Evaluation: every decodable sample exactly once. A lost member's
         clips are left out, not replaced: the batch it fell in is smaller
         (batch boundaries stay where they were, a lost member taking the
         places of all its views), and a batch that lost every clip is not
@@ -461,11 +510,10 @@ class PyAVLoader(EpochState):
 
     def _emit(self, items: list[dict]) -> dict:
         self._batches += 1
-        self.stats.batches += 1
-        self.stats.clips += len(items)
         fast = [i["fast"] for i in items]
         slow = [i["slow"] for i in items] if self.independent_crops else None
         keys = ("label", "index", "view") if self._views() > 1 else ("label", "index")
         meta = {k: torch.as_tensor([i[k] for i in items], dtype=torch.int64) for k in keys}
         meta["frame_ids"] = torch.tensor([i["frame_ids"] for i in items], dtype=torch.int64)
-        return self.finish(fast, slow, meta, self.pin_memory)
+        events = [i["event"] for i in items] if self.events is not None else None
+        return self.batch(fast, slow, meta, events, [i["crop"] for i in items], self.pin_memory)

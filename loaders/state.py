@@ -43,6 +43,8 @@ class LoaderStats:
     skip_reasons: list = field(default_factory=list)
     wait_s: float = 0.0
     substituted: int = 0  # training clips yielded in place of lost ones (evaluation never substitutes)
+    clamped: int = 0  # clips whose window reached past their member's start or end (held at the edge)
+    bytes_read: int = 0  # of the shards, where the backend reads by byte range (event datasets, dali)
 
     def skip(self, key: str, reason: str, limit: int = 1000) -> None:
         self.skipped += 1
@@ -51,7 +53,8 @@ class LoaderStats:
 
     def as_dict(self) -> dict:
         return {"clips": self.clips, "batches": self.batches, "skipped": self.skipped,
-                "skip_reasons": list(self.skip_reasons), "wait_s": self.wait_s, "substituted": self.substituted}
+                "skip_reasons": list(self.skip_reasons), "wait_s": self.wait_s, "substituted": self.substituted,
+                "clamped": self.clamped, "bytes_read": self.bytes_read}
 
 
 class Timer:

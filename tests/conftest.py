@@ -132,7 +132,10 @@ def old_format_copy(src: Path, dst: Path) -> Path:
                 m.size = len(data)
                 t.addfile(m, io.BytesIO(data))
         write_index(str(dst / tar.name), str(dst / tar.with_suffix(".idx").name))
-    shutil.copy(src / "manifest.json", dst / "manifest.json")
+    import json
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest.pop("member_format")  # (the manifests of that time did not name a member format)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
     return dst
 
 

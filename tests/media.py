@@ -48,15 +48,39 @@ def read_long_frame_number(rgb: np.ndarray) -> int:
     return digit(r, STEP, 15) * 64 + digit(g, STEP, 15) * 4 + digit(b, LONG_STEP, 3)
 
 
+XL_FRAMES = 2048  # what xl_coded_frame codes
+
+
+def xl_coded_frame(i: int, height: int = 48, width: int = 64) -> np.ndarray:
+    """Uniform colour coding i < 2048 in three digits of 16 levels a step apart
+    (R: i // 128, G: (i // 8) % 16) and 8 levels two steps apart (B: i % 8),
+    for long videos (source rates and spans over thousands of frames)."""
+    if not 0 <= i < XL_FRAMES:
+        raise ValueError(f"xl_coded_frame codes 0..{XL_FRAMES - 1}, not {i}")
+    img = np.empty((height, width, 3), np.uint8)
+    img[..., 0] = (i // 128) * STEP + STEP // 2
+    img[..., 1] = ((i // 8) % 16) * STEP + STEP // 2
+    img[..., 2] = (i % 8) * 2 * STEP + STEP
+    return img
+
+
+def read_xl_frame_number(rgb: np.ndarray) -> int:
+    """Inverse of xl_coded_frame for a [3, ...] image (channel axis first)."""
+    r, g, b = (float(np.mean(rgb[c])) for c in range(3))
+    digit = lambda v, step, offset, top: min(top, max(0, int(round((v - offset) / step))))  # noqa: E731
+    return digit(r, STEP, STEP // 2, 15) * 128 + digit(g, STEP, STEP // 2, 15) * 8 + digit(b, 2 * STEP, STEP, 7)
+
+
 def write_coded_video(path: Path, num_frames: int, fps: int = 30, height: int = 96, width: int = 128,
-                      long: bool = False, codec: str = "ffv1", options: dict | None = None,
+                      long: bool | str = False, codec: str = "ffv1", options: dict | None = None,
                       pix_fmt: str | None = None, times: list[float] | None = None, **kw) -> Path:
-    """A video whose frame i codes i (``long``: up to 1023 frames, no gradient):
-    lossless FFV1 RGB by default; another ``codec`` (libx264, libvpx, ...)
-    with its ``options`` in ``pix_fmt`` (default 4:2:0; the codes survive its
-    losses). ``times``: presentation times in seconds (variable frame rate).
-    Other keywords go to :func:`write_video`."""
-    code = long_coded_frame if long else coded_frame
+    """A video whose frame i codes i (``long``: up to 1023 frames, no gradient;
+    ``long="xl"``: up to 2047): lossless FFV1 RGB by default; another
+    ``codec`` (libx264, libvpx, ...) with its ``options`` in ``pix_fmt``
+    (default 4:2:0; the codes survive its losses). ``times``: presentation
+    times in seconds (variable frame rate). Other keywords go to
+    :func:`write_video`."""
+    code = xl_coded_frame if long == "xl" else long_coded_frame if long else coded_frame
     return write_video(path, (code(i, height, width) for i in range(num_frames)), fps, codec, options,
                        pix_fmt or ("bgr0" if codec == "ffv1" else "yuv420p"), times, **kw)
 
