@@ -4,7 +4,7 @@ Side by side in one run (on cuda every measurement stops after the batch
 that passes ``max_seconds``, and the JSON is rewritten after each):
 
 * DALI decode-only (the dali backend's own pipeline up to its video decoder:
-  reader, window, cut, decode) and its full graph (resize, crop, normalise,
+  its source — the windows and the bytes they need — and the decode) and its full graph (resize, crop, normalise,
   hand-over), each on members cut to the window's fragments and on whole
   members (``window_cut=False``: the graph before fragment tables), at
   ``num_threads`` 4, 8 and 16 on cuda (1 and 2 on a CPU). During each, the
@@ -22,6 +22,11 @@ that passes ``max_seconds``, and the JSON is rewritten after each):
   decoded at starts 0 .. 1136, cut and whole (decode-only): a cut window
   should cost the same anywhere (``position_cut_last_over_first`` near 1);
   a whole member costs more the later the window.
+
+* A 15-minute video (AVA's keyframe clips), see :mod:`benchmarks.long_video`:
+  keyframe clips at its start against its end (pyav and dali), bytes read
+  per clip against the member, and the same video as a PySlowFast-style
+  JPEG frame folder: bytes on disk and clips/s side by side.
 
 In that order (the priority of a time-limited GPU lease). Shards: the real
 videos played forwards and backwards to 300 frames (the first of them to
@@ -131,29 +136,26 @@ def _long_member(shards: str) -> tuple[bytes, Fragments, int]:
 def _position_rates(data: bytes, frags: Fragments, start: int, n: int, cut: bool, device: str, threads: int,
                     runs: int, blocks: int = 3) -> list[float]:
     """Clips/s decoding the window at ``start`` (16 frames, stride 4) of one
-    member, a batch of ``threads`` copies (one per thread), with the dali
-    backend's cut (``loaders.dali.cut_to_window``) or the whole member: one
-    rate per block of ``runs`` batches, ``blocks`` blocks on one pipeline."""
+    member, a batch of ``threads`` copies (one per thread), from the dali
+    backend's cut (the init segment and the window's fragments, as its source
+    reads them) or the whole member: one rate per block of ``runs`` batches,
+    ``blocks`` blocks on one pipeline."""
     from nvidia.dali import fn, pipeline_def, types
-
-    from loaders.dali import cut_to_window
     spec = ClipSpec()
-    ids = spec.frame_ids(start, n).astype(np.int32)
+    ids = spec.frame_ids(start, n)
+    base = 0
+    if cut:
+        data, base = frags.cut(data, int(ids.min()), int(ids.max()))
     video = np.frombuffer(data, np.uint8)
+    ids = (ids - base).astype(np.int32)
     batch = max(1, threads)
     gpu = device == "cuda"
 
     @pipeline_def(batch_size=batch, num_threads=max(1, threads), device_id=0 if gpu else None,
                   prefetch_queue_depth=1)
     def graph():
-        if not cut:
-            enc, fr = fn.external_source(source=lambda: ([video] * batch, [ids] * batch), batch=True,
-                                         num_outputs=2, dtype=[types.UINT8, types.INT32])
-        else:
-            enc, fb, ff, fr = fn.external_source(
-                source=lambda: ([video] * batch, [frags.bytes] * batch, [frags.frames] * batch, [ids] * batch),
-                batch=True, num_outputs=4, dtype=[types.UINT8, types.INT64, types.INT32, types.INT32])
-            enc, fr = cut_to_window(enc, fb, ff, fr, fn, types)
+        enc, fr = fn.external_source(source=lambda: ([video] * batch, [ids] * batch), batch=True,
+                                     num_outputs=2, dtype=[types.UINT8, types.INT32])
         return fn.decoders.video(enc, device="mixed" if gpu else "cpu", frames=fr)
 
     pipe = graph()
@@ -215,9 +217,47 @@ def _pynvc_rate(shards: str, cut: bool, threads: int, clips: int, max_seconds: f
         shutil.rmtree(work, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- a 15-minute video
+def _long_video_stage(videos: Path, tmp: Path, device: str, seconds: int, threads: int, cap: float, results: dict,
+                      settings: dict, measure, notes: list) -> None:
+    """The long-video measurements (see benchmarks.long_video), recorded through ``measure``."""
+    from benchmarks import long_video as lv
+    gpu = device == "cuda"
+    try:
+        video = lv.long_video(videos, tmp, seconds)
+        h264 = lv.pack_events(video, tmp, "h264", seconds, threads)
+        dali_shards = h264 if gpu else lv.pack_events(video, tmp, "vp9", seconds, threads)
+        frames = tmp / "ava_long_jpeg"
+        sizes = {"seconds": seconds, "frames": seconds * lv.FPS, "keyframes": len(lv.keyframes(seconds)),
+                 "member_bytes_h264": lv.member_size(h264), "shard_bytes_h264": lv.shard_bytes(h264),
+                 "jpeg_bytes": lv.jpeg_frames(video, frames), "jpeg_quality": "mjpeg qmin=qmax=1 (ffmpeg -q:v 1)"}
+    except (Exception, SystemExit) as e:  # reported, the rest of the suite stands
+        results["long_video"] = failure(e)
+        return
+    settings["long_video"] = sizes
+    secs = lv.keyframes(seconds)
+    halves = (secs[:(len(secs) + 1) // 2], secs[(len(secs) + 1) // 2:])
+    for name, backend, shards in (("pyav", "pyav", h264), ("dali", "dali", dali_shards)):
+        for half, where in enumerate(("start", "end")):
+            def rate(b=backend, s=shards, h=half, n=name, w=where):
+                r, per_clip = lv.rate_events(s, b, h, device, threads, cap)
+                sizes[f"{n}_bytes_read_per_clip_{w}"] = per_clip
+                sizes.setdefault(f"{n}_bytes_read_per_clip", per_clip)
+                return r
+            measure(f"long_{name}_{where}", rate)
+    for half, where in enumerate(("start", "end")):
+        measure(f"long_jpeg_{where}", lambda h=half: lv.rate_jpeg(frames / video.stem, halves[h], seconds * lv.FPS,
+                                                                   threads, cap))
+    notes.append(f"long video: {seconds} s at 256p; the start/end halves are a loader's ranks 0 and 1 of 2; "
+                 f"dali reads {'H.264 on NVDEC' if gpu else 'VP9 (its CPU decoder)'}, pyav and the JPEG frames "
+                 "the same windows")
+
+
 # --------------------------------------------------------------------------- the suite
 def run(videos: Path | None, out: Path, quick: bool, device: str = "cpu", shards: str | None = None,
-        workers: int | None = None) -> Path:
+        workers: int | None = None, long_seconds: int | None = None) -> Path:
+    """The suite (see the module docstring); ``long_seconds``: the long video's length (900, or 120 with
+    ``quick``)."""
     gpu = device == "cuda"
     threads = (4, 8, 16) if gpu else (1, 2)
     if workers:
@@ -266,6 +306,15 @@ def run(videos: Path | None, out: Path, quick: bool, device: str = "cpu", shards
                 results, f"dali_decode_only_cut_one_size_t{best}", f"dali_decode_only_cut_t{best}")
             ratios["dali_decode_only_cut_over_pynvc_cut"] = ratio(results, f"dali_decode_only_cut_t{best}",
                                                                   f"pynvc_cut_t{best}")
+            for backend in ("pyav", "dali"):
+                ratios[f"long_{backend}_end_over_start"] = ratio(results, f"long_{backend}_end",
+                                                                 f"long_{backend}_start")
+            ratios["long_pyav_over_jpeg_frames"] = ratio(results, "long_pyav_start", "long_jpeg_start")
+            sizes = settings.get("long_video", {})
+            if "jpeg_bytes" in sizes:
+                ratios["long_shard_bytes_over_jpeg_bytes"] = sizes["shard_bytes_h264"] / sizes["jpeg_bytes"]
+                ratios["long_pyav_bytes_read_per_clip_over_member"] = \
+                    sizes.get("pyav_bytes_read_per_clip", 0) / sizes["member_bytes_h264"]
             return write_result(out, "decode", dict(settings, complete=final), results, ratios, "clips/s",
                                 notes, plot_png=final)
 
@@ -318,6 +367,11 @@ def run(videos: Path | None, out: Path, quick: bool, device: str = "cpu", shards
                             lambda s=start, c=cut: _position_rates(data, frags, s, n, c, device, max(threads), runs))
         else:
             notes.append("no --videos: no position measurement (it packs a 1200-frame video from them)")
+        if videos is not None:
+            _long_video_stage(videos, tmp, device, long_seconds or (120 if quick else 900), max(threads), cap,
+                              results, settings, measure, notes)
+        else:
+            notes.append("no --videos: no long-video measurement (it makes a 15-minute video from them)")
         return report(final=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

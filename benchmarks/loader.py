@@ -122,21 +122,27 @@ def _rate_reference(items, fn, workers: int, epochs: int, batch: int = BATCH,
 
 
 def _rate_dali_decode_only(make, epochs: int, max_seconds: float = float("inf")) -> float:
-    """The dali backend's pipeline up to its video decoder (its reader, window
-    and decode, nothing resized or copied out): clips/s over ``epochs``
+    """The dali backend's pipeline up to its video decoder (its source: the
+    views and the bytes they need; the decode; nothing resized or copied out): clips/s over ``epochs``
     epochs, or up to the batch that passes ``max_seconds``. The gap to the
     backend's rate is what its resize, crop, normalise and hand-over cost."""
     loader = make()
-    pipe = loader.build_pipeline(decode_only=True)
-    pipe.run()  # warm-up: threads, decoders
+    loader.set_epoch(epochs)  # warm-up, not timed: threads, decoders
+    loader.build_pipeline(decode_only=True).run()
     clips, t = 0, time.perf_counter()
-    for _ in range(len(loader) * epochs):
-        (frames,) = pipe.run()
-        if loader.on_gpu:
-            torch.cuda.synchronize()
-        clips += len(frames)
-        if time.perf_counter() - t > max_seconds:
-            break
+    for e in range(epochs):
+        loader.set_epoch(e)
+        pipe = loader.build_pipeline(decode_only=True)  # (the source ends the epoch with StopIteration)
+        while True:
+            try:
+                (frames,) = pipe.run()
+            except StopIteration:
+                break
+            if loader.on_gpu:
+                torch.cuda.synchronize()
+            clips += len(frames)
+            if time.perf_counter() - t > max_seconds:
+                return clips / (time.perf_counter() - t)
     return clips / (time.perf_counter() - t)
 
 

@@ -176,7 +176,7 @@ def test_decode_suite_quick_on_cpu(videos, tmp_path):
     position (the figures themselves are the suite's, not this test's)."""
     pytest.importorskip("nvidia.dali")
     from benchmarks import decode
-    doc = json.loads(decode.run(videos, tmp_path, quick=True, workers=1).read_text())
+    doc = json.loads(decode.run(videos, tmp_path, quick=True, workers=1, long_seconds=8).read_text())
     assert doc["settings"]["complete"] and doc["settings"]["threads"] == [1]
     for what in ("decode_only", "full"):
         for mode in ("cut", "whole"):
@@ -185,6 +185,13 @@ def test_decode_suite_quick_on_cpu(videos, tmp_path):
     assert doc["settings"]["position_member_frames"] == 1200
     assert all(doc["ratios"][f"position_{m}_last_over_first"] > 0 for m in ("cut", "whole"))
     assert any("PyNvVideoCodec" in n for n in doc["notes"])
+    # the long video: keyframe clips at its start and end from shards and from JPEG frames, bytes side by side
+    long = doc["settings"]["long_video"]
+    assert long["keyframes"] == 5 and long["jpeg_bytes"] > long["shard_bytes_h264"] > 0
+    for name in ("pyav", "dali", "jpeg"):
+        assert all(doc["results"][f"long_{name}_{w}"]["median"] > 0 for w in ("start", "end")), name
+    assert 0 < long["pyav_bytes_read_per_clip"] < long["member_bytes_h264"]
+    assert doc["ratios"]["long_shard_bytes_over_jpeg_bytes"] < 1
 
 
 def test_videos_are_found_in_a_dataset_tree_or_a_flat_folder(videos, real_tree, tmp_path):
