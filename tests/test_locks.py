@@ -1,4 +1,4 @@
-"""One writer per output folder (shard_tools.lock).
+"""One writer per output folder (shard_tools.lock), and Ray tasks that reserve the cores they use.
 
 Each test starts real processes on tiny frame-number-coded videos; a writer
 is caught holding its lock by stopping it (SIGSTOP), so nothing here depends
@@ -209,3 +209,52 @@ def test_parts_pack_side_by_side_and_merge_waits_for_them(tmp_path, capsys):
     assert merge_parts([str(out)]) == 0
     _valid_dataset(out, 6)
 
+
+def _make_shards_workers(marker: str) -> int:
+    """make_shards' worker processes alive now under the run tagged ``marker`` (in its environment):
+    multiprocessing's spawned children, whatever Ray process started them."""
+    count = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"--multiprocessing-fork" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                count += marker.encode() in f.read().split(b"\0")
+        except OSError:  # ended meanwhile, or not ours
+            pass
+    return count
+
+
+def test_ray_pack_never_runs_more_workers_than_cpus(tmp_path):
+    """ray_pack on a local Ray instance of 2 CPUs, 2 parts, no --workers:
+    the make_shards worker processes alive, sampled all along, never exceed
+    2 (each part is told --workers 1 and reserves 1 CPU; by itself a part
+    starts one per core of the machine), and the parts merge into one valid
+    dataset."""
+    pytest.importorskip("ray")
+    cpus = 2
+    src = _src(tmp_path / "src", 6, frames=40)
+    out = tmp_path / "out"
+    marker = f"VTHCL_LOCK_TEST={tmp_path}"
+    env = {**os.environ, marker.split("=")[0]: str(tmp_path)}
+    cmd = [sys.executable, "-m", "shard_tools.ray_pack", str(src), str(out), "--parts", "2", "--num-cpus",
+           str(cpus), *COMMON]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        peak, seen, end = 0, 0, time.time() + 300
+        while proc.poll() is None and time.time() < end:
+            alive = _make_shards_workers(marker)
+            peak, seen = max(peak, alive), seen + (alive > 0)
+            time.sleep(0.02)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "6 packed, 0 failed, from 2 parts" in stdout
+    assert seen > 0, "no make_shards worker was ever seen alive: the count proves nothing"
+    assert peak <= cpus, f"{peak} make_shards workers alive at once on a Ray instance of {cpus} CPUs"
+    _valid_dataset(out, 6)
