@@ -6,6 +6,7 @@ on how fast a process runs.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,20 @@ def _valid_dataset(out: Path, count: int) -> None:
     assert sorted(sources) == [f"c/v{i:02d}.mkv" for i in range(count)]
     assert indices == list(range(count))
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@contextlib.contextmanager
+def _started(cmd: list[str], **kw) -> Iterator[subprocess.Popen]:
+    """``cmd`` started in a session of its own, so that it is stopped and killed with its workers; killed
+    with them if it still runs when the block ends, so a failed test leaves no process behind."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kw)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def _holder_pid(path: Path) -> int | None:
@@ -132,14 +148,14 @@ def test_two_runs_into_one_out_one_packs_the_other_is_refused(tmp_path):
     ready, go = tmp_path / "ready", tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(script), str(ready), str(go), str(src), str(out), *COMMON, "--workers", "1"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    end = time.time() + 120
-    while len(list(tmp_path.glob("ready.*"))) < 2:
-        assert all(p.poll() is None for p in procs) and time.time() < end, [p.communicate() for p in procs]
-        time.sleep(0.01)
-    go.touch()
-    said = [p.communicate(timeout=300) for p in procs]
+    with _started(cmd, env=env) as first, _started(cmd, env=env) as second:
+        procs = [first, second]
+        end = time.time() + 120
+        while len(list(tmp_path.glob("ready.*"))) < 2:
+            assert all(p.poll() is None for p in procs) and time.time() < end, "a process ended before the start"
+            time.sleep(0.01)
+        go.touch()
+        said = [p.communicate(timeout=300) for p in procs]
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 2], said
     winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
@@ -158,18 +174,18 @@ def test_sigkill_mid_shard_then_resume_completes(tmp_path):
     src = _src(tmp_path / "src", 7, frames=40)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "shard_tools.make_shards", str(src), str(out), *COMMON, "--workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    end = time.time() + 120
-    while True:  # stopped, then killed, at an instant a shard is open
-        assert proc.poll() is None and time.time() < end, "never caught with a shard half written"
-        if list(out.glob("train-*.tar.tmp")):
-            os.killpg(proc.pid, signal.SIGSTOP)
+    with _started(cmd, cwd=REPO) as proc:
+        end = time.time() + 120
+        while True:  # stopped, then killed, at an instant a shard is open
+            assert proc.poll() is None and time.time() < end, "never caught with a shard half written"
             if list(out.glob("train-*.tar.tmp")):
-                break
-            os.killpg(proc.pid, signal.SIGCONT)
-        time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+                os.killpg(proc.pid, signal.SIGSTOP)
+                if list(out.glob("train-*.tar.tmp")):
+                    break
+                os.killpg(proc.pid, signal.SIGCONT)
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert _holder_pid(out / ".make_shards.lock") == proc.pid  # the file stays; the lock went with the process
     assert make_shards([str(src), str(out), *COMMON, "--workers", "0", "--resume"]) == 0
     _valid_dataset(out, 7)
@@ -184,10 +200,8 @@ def test_parts_pack_side_by_side_and_merge_waits_for_them(tmp_path, capsys):
     src = _src(tmp_path / "src", 6)
     out = tmp_path / "out"
     part = [str(src), str(out), *COMMON]
-    proc = subprocess.Popen([sys.executable, "-m", "shard_tools.make_shards", *part, "--workers", "1",
-                             "--part", "0", "--parts", "2"],
-                            cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with _started([sys.executable, "-m", "shard_tools.make_shards", *part, "--workers", "1", "--part", "0",
+                   "--parts", "2"], cwd=REPO) as proc:
         _stop_once_locked(proc, out / ".make_shards.p0000of0002.lock")
         holder = f"is being written by pid {proc.pid} on {socket.gethostname()}"
         before = _snapshot(out)
@@ -201,11 +215,10 @@ def test_parts_pack_side_by_side_and_merge_waits_for_them(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"merge_parts: error: {out} {holder}") and ".make_shards.p0000of0002.lock" in err
         assert _snapshot(out) == before
-    finally:
         os.killpg(proc.pid, signal.SIGCONT)
-    stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
-    assert b"part 0 of 2: 3 packed" in stdout
+    assert "part 0 of 2: 3 packed" in stdout
     assert merge_parts([str(out)]) == 0
     _valid_dataset(out, 6)
 
@@ -242,17 +255,13 @@ def test_ray_pack_never_runs_more_workers_than_cpus(tmp_path):
     env = {**os.environ, marker.split("=")[0]: str(tmp_path)}
     cmd = [sys.executable, "-m", "shard_tools.ray_pack", str(src), str(out), "--parts", "2", "--num-cpus",
            str(cpus), *COMMON]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _started(cmd, cwd=REPO, env=env) as proc:
         peak, seen, end = 0, 0, time.time() + 300
         while proc.poll() is None and time.time() < end:
             alive = _make_shards_workers(marker)
             peak, seen = max(peak, alive), seen + (alive > 0)
             time.sleep(0.02)
         stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, stderr[-2000:]
     assert "6 packed, 0 failed, from 2 parts" in stdout
     assert seen > 0, "no make_shards worker was ever seen alive: the count proves nothing"
