@@ -39,10 +39,19 @@ A shard is written as ``*.tmp`` and renamed when complete; a small state file
 (``OUT/.make_shards_state.json``) records complete shards and the failures that
 belong to them, so ``--resume`` after a killed run keeps the complete shards
 and redoes the rest, with no sample missing or duplicated.
+
+One writer per OUT: a run holds an exclusive lock on OUT
+(``OUT/.make_shards.lock``; a part its own, ``.make_shards.pIIIIofNNNN.lock``,
+so parts still run side by side) from before it touches OUT until it ends. A
+second run into the same OUT (or the same part) is refused at once, exit 2,
+with a message naming the running one, and changes nothing. The lock is the
+kernel's (``flock``, see :mod:`shard_tools.lock`): a killed run leaves none,
+so ``--resume`` works after any kill.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -61,6 +70,7 @@ from tqdm import tqdm
 
 from loaders.fragments import MEMBER_FORMAT
 from loaders.system import atomic_write_text, cores
+from shard_tools.lock import lock_name, writer_lock
 from shard_tools.sources import EventVideos, Sample, UsageError, discover, events_layout
 from shard_tools.transcode import BadVideo, EncodeSettings, transcode
 from shard_tools.wds_index import write_index
@@ -408,7 +418,7 @@ def _event_failure(plan: EventVideos | None, sample: Sample) -> dict | None:
     return {"video_id": video["video_id"], "annotations": plan.info["annotations"], "lines": video["lines"]}
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     if args.codec == "copy" and (args.fps is not None or args.short_side is not None):
         raise UsageError("--codec copy keeps the stream as it is: it cannot honour --fps or --short-side")
     for name in ("gop", "min_frames", "samples_per_shard", "shard_size"):
@@ -474,6 +484,7 @@ def run(args: argparse.Namespace) -> int:
                           time_offset=args.time_offset, margin=margin)
     if names.part is not None:  # (a single run's config stays what it was before parts)
         run_config.update(parts=args.parts, part=args.part)
+    held.enter_context(writer_lock(args.out, lock_name(names.tag)))  # before prepare_out touches OUT
     state = prepare_out(args.out, names, run_config, args.resume)
     if plan is not None and not args.part:  # the rows no video can take: reported once (by part 0)
         state["bad_rows"] = plan.bad
@@ -531,7 +542,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        with contextlib.ExitStack() as held:  # OUT's writer lock, taken in run, until it ends
+            return run(args, held)
     except UsageError as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -21,6 +21,11 @@ complete, this writes what a single run writes:
 Each step can be redone: a merge that was killed is finished by running it
 again (indices are written, not added; a shard already renamed is found by
 its new name). The video members are never touched.
+
+A merge holds every writer's lock of OUT (:func:`shard_tools.lock.dataset_lock`:
+each part's and the dataset's own) while it runs, so it is refused (exit 2,
+naming the running writer) while any part is still being packed, and a
+part run again meanwhile (or a second merge) is refused in turn.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from loaders.system import atomic_write_text
+from shard_tools.lock import dataset_lock
 from shard_tools.make_shards import (
     EVENTS_FILE,
     EXIT_FAILED,
@@ -126,6 +132,12 @@ def _events(out: str, names: Names, first_index: int, first_event: int) -> list[
 
 
 def merge(out: str) -> dict:
+    """Merge OUT's parts (holding every writer's lock of OUT); returns the manifest written."""
+    with dataset_lock(out):
+        return _merge(out)
+
+
+def _merge(out: str) -> dict:
     parts = _parts(out)
     prefix = parts[0]["settings"]["prefix"]
     shards, failed, events, index = [], [], [], 0

@@ -3,8 +3,11 @@
     python -m shard_tools.ray_pack SRC OUT --parts N [make_shards options] [--address ADDR]
 
 Each part is ``make_shards SRC OUT --part I --parts N --resume`` run as one
-Ray task that reserves the CPUs its worker processes use (``--workers W``
-among the make_shards options: W CPUs; ``--workers 0``: one). SRC and OUT
+Ray task that reserves the CPUs its worker processes use, so Ray never runs
+more make_shards workers than a node has cores: ``--workers W`` among the
+make_shards options reserves W CPUs (``--workers 0``: one); without it W is
+chosen (the cluster's CPUs shared among the parts, at most the smallest
+node's, at least 1) and passed on as ``--workers W``. SRC and OUT
 must be paths every node sees (a shared filesystem). A part that fails with
 a usage error stops the run; a part whose videos partly failed has them in
 its report. When all parts are done, ``merge_parts`` writes the dataset's
@@ -12,8 +15,8 @@ manifest. Killed and run again, the same command resumes: every part picks
 up where it was (``--resume``), complete parts pack nothing more, and a
 merge is redone in full. ``--address`` connects to a running cluster
 (``ray start --head``, ``auto``, ``ray://HOST:10001``); without it a local
-instance is started for this run. Needs the ``ray`` extra
-(``pip install -e ".[ray]"``).
+instance is started for this run, with ``--num-cpus`` CPUs (default: all).
+Needs the ``ray`` extra (``pip install -e ".[ray]"``).
 """
 from __future__ import annotations
 
@@ -46,10 +49,14 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     p.add_argument("out", metavar="OUT")
     p.add_argument("--parts", type=int, required=True, help="how many parts (Ray tasks)")
     p.add_argument("--address", default=None, help="a running Ray cluster; default: a local instance")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the local instance (default: all); not with --address")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args, rest = p.parse_known_args(argv)
     if args.parts < 1:
         p.error("--parts must be at least 1")
+    if args.num_cpus is not None and (args.num_cpus < 1 or args.address is not None):
+        p.error("--num-cpus is at least 1, for the local instance (a cluster at --address has its own)")
     if any(a in ("--part", "--parts", "--resume") for a in rest):
         p.error("ray_pack sets --part, --parts and --resume itself")
     shards_args = build_parser().parse_args([args.src, args.out, *rest])  # make_shards' own check of the rest
@@ -66,10 +73,25 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from shard_tools.merge_parts import main as merge_parts
-    cpus = max(1, args.workers or 1)
     src, out = os.path.abspath(args.src), os.path.abspath(args.out)
-    ray.init(address=args.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
     try:
+        nodes = [int(n["Resources"]["CPU"]) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+        if args.workers is None:
+            # A task reserves the CPUs its make_shards workers use, so make_shards is told how many to start
+            # (by itself it starts one per core of its node, whatever Ray reserved). The cluster's CPUs shared
+            # among the parts let all parts run at once when there are fewer parts than CPUs; no more than the
+            # smallest node's CPUs, so every node can take a part (a task asking for more than a node has never
+            # runs there). A cluster with no CPU node yet (an autoscaler's) gets one worker per part.
+            cpus = max(1, min(min(nodes), sum(nodes) // args.parts)) if nodes else 1
+            rest = [*rest, "--workers", str(cpus)]
+        else:
+            cpus = max(1, args.workers)
+            if nodes and cpus > max(nodes):  # Ray would wait for such a node forever
+                print(f"ray_pack: error: --workers {args.workers}: no node of the Ray cluster has {cpus} CPUs "
+                      f"(the largest has {max(nodes)})", file=sys.stderr)
+                return EXIT_USAGE
         task = ray.remote(_pack_part).options(num_cpus=cpus, max_retries=0)
         pending = {task.remote([src, out, *rest, "--quiet", "--resume", "--part", str(i), "--parts",
                                 str(args.parts)]): i for i in range(args.parts)}
