@@ -1,6 +1,7 @@
 """A synthetic "tempo" action dataset: real video files made from scratch, then sharded.
 
     python -m shard_tools.make_synthetic OUT --videos 480 --classes 8 --seed 0 [--vp9]
+    python -m shard_tools.make_synthetic OUT --task ava|epic   (long videos: shard_tools.synthetic_tasks)
 
 Each class is an actor family (the shape and texture of the moving object)
 combined with a motion pattern (direction, speed, periodicity, pace). Per
@@ -145,10 +146,34 @@ def _make_one(job) -> str:
     return path
 
 
-def make(out: Path, videos: int, classes: int, seed: int = 0, vp9: bool = False, frames: int = 96,
-         size: int = 96, val_fraction: float = 0.25, workers: int | None = None, short_side: int = 64,
-         quiet: bool = True) -> dict:
-    """Write the videos, then pack OUT/train and OUT/val. Returns their manifest paths."""
+def make(out: Path, videos: int | None = None, classes: int = 8, seed: int = 0, vp9: bool = False,
+         frames: int = 96, size: int | None = None, val_fraction: float = 0.25, workers: int | None = None,
+         short_side: int = 64, quiet: bool = True, task: str = "tempo", pack: bool = True,
+         val_videos: int | None = None, duration: float | None = None, fps: int | None = None,
+         width: int | None = None, participants: int | None = None, epic_columns: int = 100) -> dict:
+    """Write the videos, then pack OUT/train and OUT/val. Returns their manifest paths.
+
+    ``task`` "tempo" (the default) makes ``videos`` short clips (480 by
+    default) of ``classes`` classes; "ava" and "epic" make long videos with
+    AVA or EPIC-Kitchens annotations (:mod:`shard_tools.synthetic_tasks`):
+    ``videos`` train and ``val_videos`` val videos (per participant for
+    epic) of ``duration`` seconds at ``fps``, ``size`` pixels high and
+    ``width`` wide. With ``pack`` false nothing is packed and the paths
+    returned are those of the annotation files make_shards would read."""
+    if task in ("ava", "epic"):
+        from shard_tools.synthetic_tasks import make_task
+        if vp9:
+            raise ValueError(f"vp9: the {task} videos are written as H.264 only")
+        return make_task(task, Path(out), seed, videos, val_videos, duration, fps, size, width, participants,
+                         epic_columns, workers, short_side, quiet, pack)
+    if task != "tempo":
+        raise ValueError(f"task {task!r}: tempo, ava or epic")
+    given = {"val_videos": val_videos, "duration": duration, "fps": fps, "width": width,
+             "participants": participants}
+    if any(v is not None for v in given.values()):
+        raise ValueError(f"{', '.join(k for k, v in given.items() if v is not None)}: only for --task ava or epic")
+    videos = 480 if videos is None else videos
+    size = 96 if size is None else size
     from loaders.system import cores
     from shard_tools.make_shards import main as make_shards
     names = class_names(classes)
@@ -172,6 +197,9 @@ def make(out: Path, videos: int, classes: int, seed: int = 0, vp9: bool = False,
             w = csv.writer(f)
             w.writerow(["path", "label"])
             w.writerows(items)
+        if not pack:
+            result[split] = str(ann)
+            continue
         args = [str(out / "videos"), str(out / split), "--annotations", str(ann), "--prefix", split,
                 "--short-side", str(short_side), "--samples-per-shard", "64", "--seed", str(seed),
                 "--workers", str(workers)]
@@ -189,18 +217,37 @@ def make(out: Path, videos: int, classes: int, seed: int = 0, vp9: bool = False,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="make_synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--videos", type=int, default=480)
+    p.add_argument("--task", choices=["tempo", "ava", "epic"], default="tempo",
+                   help="tempo: short classified clips; ava, epic: long videos with AVA v2.2 or EPIC-Kitchens "
+                        "annotations (see shard_tools/synthetic_tasks.py)")
+    p.add_argument("--videos", type=int, default=None,
+                   help="tempo: videos (480); ava: train videos (6); epic: train videos per participant (2)")
     p.add_argument("--classes", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vp9", action="store_true", help="VP9/WebM videos and shards instead of H.264")
+    p.add_argument("--vp9", action="store_true", help="VP9/WebM videos and shards instead of H.264 (tempo only)")
     p.add_argument("--frames", type=int, default=96)
-    p.add_argument("--size", type=int, default=96, help="rendered frame size (pixels)")
+    p.add_argument("--size", type=int, default=None,
+                   help="rendered frame size in pixels: tempo 96 (square); ava 96 high, epic 72 high")
     p.add_argument("--short-side", type=int, default=64, help="short side in the shards")
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--workers", type=int, default=None)
+    long = p.add_argument_group("ava and epic")
+    long.add_argument("--val-videos", type=int, default=None, help="ava: val videos (3); epic: per participant (1)")
+    long.add_argument("--duration", type=float, default=None, help="seconds per video (ava 40, epic 60)")
+    long.add_argument("--fps", type=int, default=None, help="frame rate of the videos (ava 25, epic 50)")
+    long.add_argument("--width", type=int, default=None, help="frame width (ava 4:3, epic 16:9 of --size)")
+    long.add_argument("--participants", type=int, default=None, help="epic: participants (2)")
+    long.add_argument("--epic-columns", type=int, choices=[55, 100], default=100,
+                      help="epic: pack the EPIC-55 or the EPIC-100 files (both are written)")
+    long.add_argument("--no-pack", action="store_true", help="write the videos and annotations only")
     args = p.parse_args(argv)
-    paths = make(Path(args.out), args.videos, args.classes, args.seed, args.vp9, args.frames, args.size,
-                 args.val_fraction, args.workers, args.short_side, quiet=False)
+    try:
+        paths = make(Path(args.out), args.videos, args.classes, args.seed, args.vp9, args.frames, args.size,
+                     args.val_fraction, args.workers, args.short_side, quiet=False, task=args.task,
+                     pack=not args.no_pack, val_videos=args.val_videos, duration=args.duration, fps=args.fps,
+                     width=args.width, participants=args.participants, epic_columns=args.epic_columns)
+    except ValueError as e:
+        p.error(str(e))
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0
