@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"],
                    help="which split to take from --split-file (HMDB51) or the Kinetics CSV's split column")
     p.add_argument("--fps", type=float, default=None, help="constant output frame rate (default 30)")
+    p.add_argument("--frame-rate", type=float, default=None,
+                   help="the rate of videos given as folders of numbered frames (12 for Something-Something V1)")
     p.add_argument("--short-side", type=int, default=None, help="output short side, aspect kept (default 256; 0 keeps)")
     p.add_argument("--codec", choices=["h264", "vp9", "copy"], default="h264",
                    help="vp9 shards decode on DALI's CPU decoder; copy keeps the stream as it is")
@@ -150,7 +152,7 @@ def _work(task: tuple[Sample, EncodeSettings]):
     if sample.path is None:
         return sample, None, None, "missing: no such video file under SRC"
     try:
-        data, meta = transcode(sample.path, settings, sample.span)
+        data, meta = transcode(sample.path, settings, sample.span, settings.frame_rate)
         return sample, data, meta, None
     except BadVideo as e:
         return sample, None, None, str(e)
@@ -427,6 +429,8 @@ def run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.fps is not None and args.fps <= 0:
         raise UsageError("--fps must be positive")
+    if args.frame_rate is not None and args.frame_rate <= 0:
+        raise UsageError("--frame-rate must be positive")
     if args.bframes is not None and (args.codec != "h264" or args.bframes < 0):
         raise UsageError("--bframes is a count (0 or more) for --codec h264")
     if args.b_refs and args.codec != "h264":
@@ -443,7 +447,8 @@ def run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         fps=None if copy else (args.fps or 30.0),
         short_side=None if copy else (256 if args.short_side is None else args.short_side),
         gop=args.gop, crf=args.crf, preset=args.preset, bframes=args.bframes, b_refs=args.b_refs,
-        threads=max(1, cores() // max(1, workers)), min_frames=args.min_frames, square_pixels=args.square_pixels)
+        threads=max(1, cores() // max(1, workers)), min_frames=args.min_frames, square_pixels=args.square_pixels,
+        frame_rate=args.frame_rate)
     ignored: list[str] = []
     plan = None
     if args.layout in ("ava", "epic"):
@@ -471,8 +476,9 @@ def run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         classes = []
     if not samples and not (plan and plan.bad):
         raise UsageError(f"no videos found under {args.src} (layout {layout})")
-    recorded = {k: v for k, v in settings.as_dict().items()  # (as shards made before --bframes, --square-pixels)
-                if k != "threads" and not (k == "bframes" and v is None) and not (k == "square_pixels" and not v)}
+    recorded = {k: v for k, v in settings.as_dict().items()  # (unset options are left out, as before they existed)
+                if k != "threads" and not (k in ("bframes", "frame_rate") and v is None)
+                and not (k == "square_pixels" and not v)}
     max_bytes = args.shard_size or (None if args.samples_per_shard else parse_size("1GB"))
     run_config = {**recorded, "member_format": MEMBER_FORMAT, "layout": layout, "src": os.path.abspath(args.src),
                   "seed": args.seed,

@@ -71,10 +71,25 @@ def _rel(path: str, src: str) -> str:
     return os.path.relpath(path, src).replace(os.sep, "/")
 
 
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def is_frame_folder(dirpath: str, dirnames: list[str], filenames: list[str]) -> bool:
+    """A folder of a video's frames: image files, no subfolders, no videos (SSv1, frame copies of UCF101)."""
+    exts = {os.path.splitext(f)[1].lower() for f in filenames if not f.startswith(".")}
+    return not [d for d in dirnames if not d.startswith(".")] and bool(exts & IMAGE_EXTS) and \
+        exts <= IMAGE_EXTS | NOT_VIDEO
+
+
 def _walk_files(root: str, ignored: list[str] | None = None) -> list[str]:
-    """Every file under root but hidden ones; documents (NOT_VIDEO) go to ``ignored``."""
+    """Every file under root but hidden ones, a frame folder (see
+    :func:`is_frame_folder`) as one item; documents (NOT_VIDEO) go to ``ignored``."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        if dirpath != root and is_frame_folder(dirpath, dirnames, filenames):
+            out.append(dirpath)
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             if f.startswith("."):

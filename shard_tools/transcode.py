@@ -32,8 +32,10 @@ import io
 import itertools
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from fractions import Fraction
+from typing import Iterator
 
 import av
 import av.logging
@@ -44,6 +46,7 @@ from av.video.reformatter import VideoReformatter
 
 from loaders.fragments import Fragments, whole_member
 from shard_tools import fmp4
+from shard_tools.sources import IMAGE_EXTS
 
 # container / member extension for each output codec: fragmented MP4 for both
 MEMBER_EXT = {"h264": "mp4", "vp9": "mp4"}
@@ -70,6 +73,7 @@ class EncodeSettings:
     threads: int = 1             # codec threads per worker process
     min_frames: int = 1
     square_pixels: bool = False  # stretch non-square pixels to their display aspect (default: keep the grid)
+    frame_rate: float | None = None  # the rate of videos given as folders of numbered frames
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -389,15 +393,80 @@ def _span_frames(container, stream, span: tuple[float, float]):
     return _decoded_frames(container, stream, whole=False), origin
 
 
-def _encode(container, stream, s: EncodeSettings, span: tuple[float, float] | None = None) -> tuple[bytes, dict]:
-    in_w, in_h = stream.codec_context.width, stream.codec_context.height
-    if not in_w or not in_h:
+@dataclass
+class _Frames:
+    """What an encode reads: (time, frame) pairs, the frames' stored size, the source's rate and pixel
+    aspect, and where a span starts on the frames' clock (None: at the first frame)."""
+    frames: Iterator
+    width: int
+    height: int
+    rate: Fraction
+    sar: Fraction = Fraction(1)
+    origin: float | None = None
+
+
+def _stream_frames(container, stream, span: tuple[float, float] | None) -> _Frames:
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if not width or not height:
         raise BadVideo("corrupt: the video stream has no frame size")
-    origin = slots = None
-    if span is None:
-        frames = _decoded_frames(container, stream)
-    else:
-        frames, origin = _span_frames(container, stream, span)
+    frames, origin = (_decoded_frames(container, stream), None) if span is None else \
+        _span_frames(container, stream, span)
+    return _Frames(frames, width, height, _input_rate(stream), _sample_aspect_ratio(stream), origin)
+
+
+_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+def frame_files(folder: str) -> list[str]:
+    """The image files of a frame folder in frame order (by the last number in each name)."""
+    numbered = []
+    for name in os.listdir(folder):
+        if os.path.splitext(name)[1].lower() not in IMAGE_EXTS or name.startswith("."):
+            continue
+        m = _NUMBER.search(os.path.splitext(name)[0])
+        if m is None:
+            raise BadVideo(f"frame folder: {name} has no frame number in its name")
+        numbered.append((int(m.group(1)), name))
+    numbered.sort()
+    for (a, x), (b, y) in zip(numbered, numbered[1:]):
+        if a == b:
+            raise BadVideo(f"frame folder: {x} and {y} have the same frame number {a}")
+    return [os.path.join(folder, name) for _, name in numbered]
+
+
+def _folder_frames(folder: str, rate: float, span: tuple[float, float] | None) -> _Frames:
+    """A folder of numbered frames as a video at ``rate`` fps: frame k at k / rate (from its first frame)."""
+    files = frame_files(folder)
+    if not files:
+        raise BadVideo("frame folder: no image files (jpg, png, ...)")
+
+    def decode(path: str):
+        try:
+            with av.open(path) as c:
+                frame = next(c.decode(video=0))
+                # a copy: the decoded frame's buffers go back to the decoder's pool with its container
+                return av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"), format="rgb24")
+        except (av.error.FFmpegError, StopIteration) as e:
+            raise BadVideo(f"frame folder: {os.path.basename(path)} is not a readable image ({_msg(e)})") from None
+
+    first = decode(files[0])
+    start = 0 if span is None else max(0, int(math.floor(span[0] * rate)))
+
+    def frames():
+        for k in range(start, len(files)):
+            frame = first if k == 0 else decode(files[k])
+            if (frame.width, frame.height) != (first.width, first.height):
+                raise BadVideo(f"frame folder: {os.path.basename(files[k])} is {frame.width}x{frame.height}, "
+                               f"the first frame {first.width}x{first.height}")
+            yield k / rate, frame
+
+    return _Frames(frames(), first.width, first.height, Fraction(rate).limit_denominator(1001),
+                   origin=None if span is None else span[0])
+
+
+def _encode(src: _Frames, s: EncodeSettings, span: tuple[float, float] | None = None) -> tuple[bytes, dict]:
+    in_w, in_h, origin, slots = src.width, src.height, src.origin, None
+    frames = src.frames
     first = next(frames, None)
     if first is None:
         raise BadVideo("corrupt: no frame could be decoded")
@@ -405,14 +474,14 @@ def _encode(container, stream, s: EncodeSettings, span: tuple[float, float] | No
     # frames turned as a player shows them (the display matrix); non-square pixels (a sample aspect ratio,
     # e.g. the 340x256 Kinetics releases' 64/51) kept as they are stored, which is what PySlowFast, decord and
     # DALI decode, and written into the member, or with square_pixels stretched to their display width
-    sar = _sample_aspect_ratio(stream)
+    sar = src.sar
     shown_w = in_w * float(sar) if s.square_pixels else in_w
     op = orientation(display_matrix(first[1]))
     swaps = op in ("cw", "ccw", "transpose", "antitranspose")
     w, h = output_size(*((in_h, shown_w) if swaps else (shown_w, in_h)), s.short_side)
     scale_w, scale_h = (h, w) if swaps else (w, h)  # the size to scale to before the planes are turned
     out_sar = Fraction(1) if s.square_pixels else (1 / sar if swaps else sar)
-    fps = Fraction(s.fps).limit_denominator(1001) if s.fps else _input_rate(stream)
+    fps = Fraction(s.fps).limit_denominator(1001) if s.fps else src.rate
     if span is not None:
         slots = max(1, int(math.ceil((span[1] - span[0]) * float(fps) - 1e-9)))
     buf = io.BytesIO()
@@ -434,9 +503,12 @@ def _encode(container, stream, s: EncodeSettings, span: tuple[float, float] | No
             last_time[0] = t
             yield t, f
 
-    for frame in resample_times(timed(frames), float(fps), float(1 / _input_rate(stream)), origin, slots):
+    for frame in resample_times(timed(frames), float(fps), float(1 / src.rate), origin, slots):
+        # limited ("MPEG") range out, what the member signals, from the range the frame says it has (a
+        # full-range source, such as PNG or MJPEG pictures, is scaled down; the frame's flag alone would leave
+        # full-range values in a stream read as limited)
         img = scaler.reformat(frame, width=scale_w, height=scale_h, format="yuv420p", interpolation="AREA",
-                              threads=s.threads)
+                              src_color_range=frame.color_range or None, dst_color_range="MPEG", threads=s.threads)
         img = _oriented(img, op)
         # the source's frame type would be forced on the encoder (an I-frame wherever the source had one, ...),
         # overriding --gop/--bframes
@@ -590,14 +662,24 @@ def _copy(container, stream, path: str) -> tuple[bytes, dict]:
     return data, meta
 
 
-def transcode(path: str, settings: EncodeSettings, span: tuple[float, float] | None = None) -> tuple[bytes, dict]:
+def transcode(path: str, settings: EncodeSettings, span: tuple[float, float] | None = None,
+              frame_rate: float | None = None) -> tuple[bytes, dict]:
     """Return (member bytes, meta) for one input video, or raise BadVideo.
 
-    ``span``: pack only the seconds [start, end) of the video (from its
-    stream's start; the end is clipped to the video): frame k of the member
-    shows the source at ``start + k / fps``, and ``meta["span"]`` is
-    ``[start, start + num_frames / fps]``. Not with ``codec="copy"``, which
-    keeps the stream whole."""
+    ``path`` is a video file, or a folder of numbered frames (``frame_rate``
+    frames a second: Something-Something V1 and frame copies of UCF101 and
+    HMDB51 ship so). ``span``: pack only the seconds [start, end) of the
+    video (from its stream's start; the end is clipped to the video): frame
+    k of the member shows the source at ``start + k / fps``, and
+    ``meta["span"]`` is ``[start, start + num_frames / fps]``. Not with
+    ``codec="copy"``, which keeps the stream whole."""
+    if os.path.isdir(path):
+        if settings.codec == "copy":
+            raise BadVideo("a frame folder has no stream to copy: pack it with --codec h264 or vp9")
+        if not frame_rate or frame_rate <= 0:
+            raise BadVideo("a frame folder needs its frame rate (--frame-rate)")
+        data, meta = _encode(_folder_frames(path, frame_rate, span), settings, span)
+        return data, _finish(meta, settings, span, MEMBER_EXT[settings.codec])
     container = _open(path)
     try:
         stream = video_stream(container)
@@ -606,7 +688,7 @@ def transcode(path: str, settings: EncodeSettings, span: tuple[float, float] | N
                 raise BadVideo("--codec copy keeps the stream whole: it cannot pack a span of it")
             data, meta = _copy(container, stream, path)
         else:
-            data, meta = _encode(container, stream, settings, span)
+            data, meta = _encode(_stream_frames(container, stream, span), settings, span)
             meta["ext"] = MEMBER_EXT[settings.codec]
     except BadVideo:
         raise
@@ -614,6 +696,12 @@ def transcode(path: str, settings: EncodeSettings, span: tuple[float, float] | N
         raise BadVideo(f"corrupt: {_msg(e)}") from None
     finally:
         container.close()
+    return data, _finish(meta, settings, span, meta["ext"])
+
+
+def _finish(meta: dict, settings: EncodeSettings, span, ext: str) -> dict:
+    """``meta`` checked (frames decoded, --min-frames) and completed (ext, duration, span)."""
+    meta["ext"] = ext
     if meta["num_frames"] == 0:
         raise BadVideo("corrupt: no frame could be decoded")
     if span is not None:
@@ -621,4 +709,4 @@ def transcode(path: str, settings: EncodeSettings, span: tuple[float, float] | N
     if meta["num_frames"] < settings.min_frames:
         raise BadVideo(f"too short: {meta['num_frames']} frames < --min-frames {settings.min_frames}")
     meta["duration"] = round(meta["num_frames"] / meta["fps"], 6)
-    return data, meta
+    return meta

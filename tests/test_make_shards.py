@@ -766,3 +766,37 @@ def test_ray_driver_packs_in_parts_and_resumes_after_a_kill(videos, tmp_path):
     assert {k: json.loads(m["json"])["index"] for k, m in packed.items()} == \
         {k: json.loads(m["json"])["index"] for k, m in single.items()}
     assert all(packed[k]["mp4"] == single[k]["mp4"] for k in single)
+
+
+def test_a_frame_folder_packs_to_the_frames_of_the_same_video_file(tmp_path):
+    """A video given as a folder of numbered frames (Something-Something V1's layout) at --frame-rate
+    packs to the same frames as the same video given as a file at that rate."""
+    import av
+    src = tmp_path / "src"
+    (src / "cls" / "clip_frames").mkdir(parents=True)
+    # the file holds PNG pictures too (the same RGB frames on both sides, so the same encoder input)
+    media.write_coded_video(src / "cls" / "clip.mov", 30, fps=12, height=48, width=64, codec="png", pix_fmt="rgb24")
+    enc = av.CodecContext.create("png", "w")
+    enc.width, enc.height, enc.pix_fmt = 64, 48, "rgb24"
+    for i in range(30):  # numbered from 1, as SSv1's 00001.jpg, in no particular listing order
+        frame = av.VideoFrame.from_ndarray(media.coded_frame(i, 48, 64), format="rgb24")
+        (packet,) = enc.encode(frame)
+        (src / "cls" / "clip_frames" / f"{i + 1:05d}.png").write_bytes(bytes(packet))
+    (src / "cls" / "clip_frames" / "README.txt").write_text("frames of clip.mkv")
+    out = tmp_path / "out"
+    assert make_shards([str(src), str(out), "--quiet", "--workers", "0", "--frame-rate", "12"]) == 0
+    samples = {json.loads(m["json"])["source"]: m for m in tar_samples(out).values()}
+    assert set(samples) == {"cls/clip.mov", "cls/clip_frames"}
+    frames = {}
+    for source, m in samples.items():
+        info = json.loads(m["json"])
+        assert info["num_frames"] == 75 and info["fps"] == 30 and info["label_name"] == "cls"  # 2.5 s at 30 fps
+        with av.open(io.BytesIO(m["mp4"])) as c:
+            frames[source] = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert all(np.array_equal(a, b) for a, b in zip(frames["cls/clip.mov"], frames["cls/clip_frames"]))
+    assert samples["cls/clip.mov"]["mp4"] == samples["cls/clip_frames"]["mp4"]  # the same member, byte for byte
+    assert [media.read_frame_number(f.transpose(2, 0, 1)) for f in frames["cls/clip_frames"]][:6] == [0, 0, 1, 1, 1, 2]
+    # without its rate a frame folder is reported, not guessed
+    assert make_shards([str(src), str(tmp_path / "norate"), "--quiet", "--workers", "0"]) == 3
+    (failed,) = [json.loads(line) for line in (tmp_path / "norate" / "failed.jsonl").read_text().splitlines()]
+    assert failed["source"] == "cls/clip_frames" and "--frame-rate" in failed["reason"]
