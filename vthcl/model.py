@@ -15,6 +15,13 @@ Choices, following SlowFast (Feichtenhofer et al. 2019) and the VTHCL paper:
 * ``width`` is the stem's channel count (64 in the paper); every stage
   scales with it, so width=8 gives a tiny model for CPU tests.
 * The encoders return the res3, res4 and res5 maps (the hierarchy's levels).
+* ``res5_dilation=2`` (detection, as PySlowFast's AVA models): res5 keeps
+  res4's resolution (spatial stride 1) and dilates its spatial 3x3 convs by
+  2, so its map has stride 16; the weights are the same tensors, so a
+  pretrained encoder loads unchanged.
+* φ is fc -> ReLU -> fc (``head="mlp"``, the paper's hierarchy) or one fc
+  (``head="linear"``: the single 1x1x1 convolution of the paper's Instance
+  Correspondence Map setting).
 """
 from __future__ import annotations
 
@@ -33,12 +40,13 @@ def _bn(c: int) -> nn.BatchNorm3d:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, width: int, stride: int, t: int):
+    def __init__(self, cin: int, width: int, stride: int, t: int, dilation: int = 1):
         super().__init__()
         cout = width * self.expansion
         self.a = nn.Conv3d(cin, width, (t, 3, 3), (1, stride, stride), (t // 2, 1, 1), bias=False)
         self.a_bn = _bn(width)
-        self.b = nn.Conv3d(width, cout, (1, 3, 3), 1, (0, 1, 1), bias=False)
+        # (PySlowFast's BasicTransform dilates only the second 3x3 conv)
+        self.b = nn.Conv3d(width, cout, (1, 3, 3), 1, (0, dilation, dilation), (1, dilation, dilation), bias=False)
         self.b_bn = _bn(cout)
         self.b_bn.final = True
         self.short = None
@@ -54,12 +62,13 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, width: int, stride: int, t: int):
+    def __init__(self, cin: int, width: int, stride: int, t: int, dilation: int = 1):
         super().__init__()
         cout = width * self.expansion
         self.a = nn.Conv3d(cin, width, (t, 1, 1), 1, (t // 2, 0, 0), bias=False)
         self.a_bn = _bn(width)
-        self.b = nn.Conv3d(width, width, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False)
+        self.b = nn.Conv3d(width, width, (1, 3, 3), (1, stride, stride), (0, dilation, dilation),
+                           (1, dilation, dilation), bias=False)
         self.b_bn = _bn(width)
         self.c = nn.Conv3d(width, cout, 1, bias=False)
         self.c_bn = _bn(cout)
@@ -87,9 +96,12 @@ class Pathway(nn.Module):
     ``residual=True`` feeds it residual frames instead of RGB (an option; the
     paper uses RGB)."""
 
-    def __init__(self, arch: str = "r18", width: int = 64, slow: bool = True, residual: bool = False):
+    def __init__(self, arch: str = "r18", width: int = 64, slow: bool = True, residual: bool = False,
+                 res5_dilation: int = 1):
         super().__init__()
-        self.residual = residual
+        if res5_dilation < 1:
+            raise ValueError(f"res5_dilation must be at least 1, not {res5_dilation}")
+        self.residual, self.res5_dilation = residual, res5_dilation
         if arch not in STAGE_BLOCKS:
             raise ValueError(f"unknown arch {arch!r}: choose r18 or r50")
         block = BasicBlock if arch == "r18" else Bottleneck
@@ -103,9 +115,11 @@ class Pathway(nn.Module):
         stages = []
         for i, (n, t) in enumerate(zip(STAGE_BLOCKS[arch], temporal)):
             w = width * 2 ** i
+            dilation = res5_dilation if i == 3 else 1
             blocks = []
             for j in range(n):
-                blocks.append(block(cin, w, 2 if (j == 0 and i > 0) else 1, t))
+                stride = 2 if (j == 0 and i > 0 and dilation == 1) else 1
+                blocks.append(block(cin, w, stride, t, dilation))
                 cin = w * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.res2, self.res3, self.res4, self.res5 = stages
@@ -131,24 +145,36 @@ class Pathway(nn.Module):
         return {"res3": r3, "res4": r4, "res5": r5}
 
 
-class Head(nn.Module):
-    """φ: fc -> ReLU -> fc to d, L2-normalised (on pooled features)."""
+HEADS = ("mlp", "linear")
 
-    def __init__(self, dim_in: int, dim_out: int = 128, hidden: int | None = None):
+
+class Head(nn.Module):
+    """φ: fc -> ReLU -> fc to d (``kind="mlp"``) or one fc (``"linear"``),
+    L2-normalised (on pooled features)."""
+
+    def __init__(self, dim_in: int, dim_out: int = 128, hidden: int | None = None, kind: str = "mlp"):
         super().__init__()
-        hidden = hidden or dim_in
-        self.fc1 = nn.Linear(dim_in, hidden)
+        if kind not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {kind!r}")
+        hidden = (hidden or dim_in) if kind == "mlp" else dim_in
+        self.fc1 = nn.Linear(dim_in, hidden) if kind == "mlp" else None
         self.fc2 = nn.Linear(hidden, dim_out)
 
+    def layers(self) -> list[nn.Linear]:
+        return [fc for fc in (self.fc1, self.fc2) if fc is not None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.fc2(F.relu(self.fc1(x))), dim=-1)
+        if self.fc1 is not None:
+            x = F.relu(self.fc1(x))
+        return F.normalize(self.fc2(x), dim=-1)
 
     def dense(self, fmap: torch.Tensor) -> torch.Tensor:
         """φ applied at every position of a [B, C, T, H, W] map, its fc layers as
         1x1x1 convolutions: [B, d, T, H, W], before the L2 normalisation (the
         ICM keeps the magnitudes)."""
-        y = F.conv3d(fmap, self.fc1.weight[:, :, None, None, None], self.fc1.bias)
-        y = F.conv3d(F.relu(y), self.fc2.weight[:, :, None, None, None], self.fc2.bias)
+        y = fmap
+        for k, fc in enumerate(self.layers()):
+            y = F.conv3d(F.relu(y) if k else y, fc.weight[:, :, None, None, None], fc.bias)
         return y
 
 
@@ -160,18 +186,18 @@ class VTHCL(nn.Module):
     """
 
     def __init__(self, arch: str = "r18", width: int = 64, levels: int = 3, dim: int = 128, beta: float = 1 / 8,
-                 input: str = "rgb"):
+                 input: str = "rgb", head: str = "mlp"):
         super().__init__()
         if not 1 <= levels <= 3:
             raise ValueError("levels must be 1, 2 or 3 (res5; res4+res5; res3+res4+res5)")
         if input not in ("rgb", "residual"):
             raise ValueError("input must be 'rgb' (paper) or 'residual'")
-        self.arch, self.width, self.levels, self.dim, self.input = arch, width, levels, dim, input
+        self.arch, self.width, self.levels, self.dim, self.input, self.head = arch, width, levels, dim, input, head
         self.level_names = LEVELS[3 - levels:]
         self.slow = Pathway(arch, width, slow=True, residual=input == "residual")
         self.fast = Pathway(arch, max(1, int(round(width * beta))), slow=False, residual=input == "residual")
         self.heads = nn.ModuleDict({
-            f"{p}_{lvl}": Head(enc.dims[lvl], dim)
+            f"{p}_{lvl}": Head(enc.dims[lvl], dim, kind=head)
             for p, enc in (("slow", self.slow), ("fast", self.fast)) for lvl in self.level_names})
 
     def maps(self, slow: torch.Tensor, fast: torch.Tensor):
