@@ -1,0 +1,106 @@
+"""AVA detection: the dilated encoder, the RoI head, which boxes train and test, detections and their score."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from vthcl import ava_eval
+from vthcl import detection as D
+from vthcl.model import Pathway
+from vthcl.roi_align import roi_align
+
+
+def test_res5_dilation_keeps_res4s_resolution_and_the_weights():
+    torch.manual_seed(0)
+    plain = Pathway("r18", 8, slow=True)
+    wide = D.dilated(plain)
+    assert wide.res5_dilation == 2 and plain.state_dict().keys() == wide.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), wide.state_dict().values()))
+    x = torch.randn(1, 3, 4, 64, 96)
+    plain.eval(), wide.eval()
+    maps, dilated = plain(x), wide(x)
+    assert maps["res4"].shape[-2:] == dilated["res5"].shape[-2:] == (4, 6)  # stride 16
+    assert maps["res5"].shape[-2:] == (2, 3)
+    assert torch.equal(maps["res4"], dilated["res4"])  # only res5 changes
+    with pytest.raises(ValueError, match="res5_dilation=2"):
+        D.Detector(plain, 5)
+
+
+def test_roi_head_pools_time_then_aligns_each_box():
+    """PySlowFast's ResNetRoIHead: mean over frames, RoIAlign 7x7 at 1/16 (aligned), max, linear."""
+    torch.manual_seed(0)
+    head = D.RoIHead(8, 3, dropout=0.5).eval()
+    fmap = torch.randn(2, 8, 4, 6, 10)
+    boxes = torch.tensor([[0, 0.0, 0.0, 160.0, 96.0], [1, 32.0, 16.0, 80.0, 64.0], [1, 8.0, 8.0, 9.0, 9.0]])
+    want = roi_align(fmap.mean(2), boxes, (7, 7), spatial_scale=1 / 16, sampling_ratio=0, aligned=True)
+    want = head.projection(want.amax(dim=(2, 3)))
+    assert torch.allclose(head(fmap, boxes), want, atol=1e-6)
+    fmap2 = fmap.clone()
+    fmap2[1] += 1  # a box sees only its own clip
+    got = head(fmap2, boxes)
+    assert torch.allclose(got[0], want[0], atol=1e-6) and not torch.allclose(got[1:], want[1:])
+
+
+def _batch(proposal_labels=False):
+    """Two keyframes: clip 0 with two ground-truth boxes, clip 1 with one; proposals near and far."""
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.6, 0.2, 0.9, 0.8], [0.2, 0.2, 0.6, 0.6]])
+    labels = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.float32)
+    proposals = torch.tensor([[0.1, 0.1, 0.5, 0.51],   # clip 0, IoU 0.975 with its first box
+                              [0.6, 0.2, 0.9, 0.65],   # clip 0, IoU 0.75 with its second: not a training box
+                              [0.1, 0.1, 0.5, 0.5],    # clip 0, the first box but a low score
+                              [0.2, 0.2, 0.6, 0.6],    # clip 1, its box exactly
+                              [0.1, 0.1, 0.5, 0.5]])   # clip 1, clip 0's first box: another keyframe's
+    scores = torch.tensor([0.95, 0.99, 0.5, 0.9, 0.97])
+    plabels = torch.zeros(5, 4)
+    if proposal_labels:
+        plabels[0, 2] = 1
+    return {"boxes": boxes, "box_labels": labels, "box_batch": torch.tensor([0, 0, 1]), "proposals": proposals,
+            "proposal_scores": scores, "proposal_labels": plabels, "proposal_batch": torch.tensor([0, 0, 0, 1, 1]),
+            "event": torch.tensor([7, 8]), "size": torch.tensor([[100, 200], [100, 200]])}
+
+
+def test_training_boxes_are_the_truth_and_the_proposals_that_overlap_it():
+    boxes, index, labels = D.training_boxes(_batch(), 0.9, labelled_proposals=False)
+    assert index.tolist() == [0, 0, 1, 0, 1]  # 3 ground truth, then proposals 0 and 3
+    assert torch.equal(boxes[3], _batch()["proposals"][0]) and torch.equal(labels[3], _batch()["box_labels"][0])
+    assert torch.equal(labels[4], _batch()["box_labels"][2])
+    # an "include negative" file: the confident proposals with the labels they carry, negatives included
+    boxes, index, labels = D.training_boxes(_batch(True), 0.9, labelled_proposals=True)
+    assert index.tolist() == [0, 0, 1, 0, 0, 1, 1] and labels[3].tolist() == [0, 0, 1, 0] and labels[4].sum() == 0
+
+
+def test_test_boxes_keep_the_confident_proposals_or_a_keyframes_best():
+    b = _batch()
+    assert D.test_boxes(b, 0.9).tolist() == [0, 1, 3, 4]
+    assert D.test_boxes(b, 0.999).tolist() == [1, 4]  # none is confident: each keyframe's best
+    pix = D.pixel_boxes(b["proposals"][:1], torch.tensor([1]), b["size"])
+    assert pix.tolist() == [[1.0, 20.0, 10.0, 100.0, 51.0]]
+
+
+def test_detections_file_is_scored_like_the_official_files(tmp_path):
+    """write_detections' CSV read back by ava_eval gives the mAP of the same rows scored in memory,
+    and against the events' ground truth: every class right gives 1, a swapped class loses its AP."""
+    events = [{"video_id": "v", "time": 902, "boxes": [{"box": [0.1, 0.1, 0.5, 0.5], "actions": [1]}],
+               "proposals": [{"box": [0.1, 0.1, 0.5, 0.5], "score": 0.9}]},
+              {"video_id": "v", "time": 903, "boxes": [{"box": [0.5, 0.5, 0.9, 0.9], "actions": [2]}],
+               "proposals": [{"box": [0.5, 0.5, 0.9, 0.9], "score": 0.9}]}]
+    categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    right = [("v", 902, 0.1, 0.1, 0.5, 0.5, 1, 0.9), ("v", 902, 0.1, 0.1, 0.5, 0.5, 2, 0.1),
+             ("v", 903, 0.5, 0.5, 0.9, 0.9, 1, 0.2), ("v", 903, 0.5, 0.5, 0.9, 0.9, 2, 0.8)]
+    path = tmp_path / "detections.csv"
+    D.write_detections(right, path)
+    rows = list(csv.reader(open(path)))
+    assert rows[0] == ["v", "0902", "0.100", "0.100", "0.500", "0.500", "1", "0.900000"] and len(rows) == 4
+    # class 1: the true box first (AP 1); class 2: the true box first too
+    assert D.score(path, events, categories)["mAP"] == pytest.approx(1.0)
+    wrong = [r[:6] + (3 - r[6], r[7]) for r in right]  # the scores of each box go to the other class
+    D.write_detections(wrong, path)
+    res = D.score(path, events, categories)
+    assert res["per_class"] == {1: pytest.approx(0.5), 2: pytest.approx(0.5)}  # the true box ranked second
+    gt = tmp_path / "gt.csv"
+    gt.write_text("v,0902,0.1,0.1,0.5,0.5,1,0\nv,0903,0.5,0.5,0.9,0.9,2,0\n")
+    labelmap = tmp_path / "labelmap.pbtxt"
+    labelmap.write_text('item {\n  name: "a"\n  id: 1\n}\nitem {\n  name: "b"\n  id: 2\n}\n')
+    assert ava_eval.score_files(gt, path, labelmap)["mAP"] == pytest.approx(res["mAP"])
