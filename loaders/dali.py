@@ -183,10 +183,12 @@ class _Feed:
         return tuple([x] for x in self.items[i])
 
 
-def epoch_batches(order: list[int], batch_size: int, excluded: set[int], train: bool) -> list[list[int]]:
+def epoch_batches(order: list[int], batch_size: int, excluded: set[int], train: bool,
+                  drop_last: bool = False) -> list[list[int]]:
     """An epoch's sample batches with the excluded samples handled: training
     puts the last good sample in a lost one's place (the next good one at the
-    start), evaluation leaves it out (a batch that lost every sample is gone)."""
+    start), evaluation leaves it out (a batch that lost every sample is gone).
+    ``drop_last``: no last batch smaller than the others."""
     if train and excluded:
         good = [s for s in order if s not in excluded]
         if not good:
@@ -198,7 +200,8 @@ def epoch_batches(order: list[int], batch_size: int, excluded: set[int], train: 
         order = filled
     elif excluded:
         order = [s for s in order if s not in excluded]
-    return [b for b in (order[i:i + batch_size] for i in range(0, len(order), batch_size)) if b]
+    batches = [b for b in (order[i:i + batch_size] for i in range(0, len(order), batch_size)) if b]
+    return [b for b in batches if len(b) == batch_size] if drop_last else batches
 
 
 class DALILoader(ClipLoader):
@@ -251,7 +254,7 @@ class DALILoader(ClipLoader):
         wanted = tuple(sorted(set(videos.values())))
         if self._reader is None or self._reader[0] != wanted:  # this epoch's range: its tars' indices only
             self._reader = (wanted, MemberReader(MemberIndex(self.shards, wanted)))
-        batches = epoch_batches(order, self.batch_size, self.excluded, self.train)
+        batches = epoch_batches(order, self.batch_size, self.excluded, self.train, self.drop_last)
         return _Source(batches, first_batch, videos, times, self._reader[1], self.sampler, self.seed, self.epoch,
                        self.window_cut, self.view_cut)
 
@@ -320,6 +323,8 @@ class DALILoader(ClipLoader):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         # (a DALI batch of B samples x V views yields V batches of B clips: resume at the sample batch)
         yielded = self._take_resume() // self._views()  # source batches consumed so far
+        if self.train and self.excluded:  # samples left out in an earlier epoch are substituted in this one
+            self.stats.substituted += sum(s in self.excluded for s in self.rank_samples())
         while True:
             pipe = it = None
             try:  # (the pipeline reads and the iterator runs its first batches as they are made)
