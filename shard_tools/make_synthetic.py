@@ -1,6 +1,6 @@
 """A synthetic "tempo" action dataset: real video files made from scratch, then sharded.
 
-    python -m shard_tools.make_synthetic OUT --videos 480 --classes 8 --seed 0 [--vp9]
+    python -m shard_tools.make_synthetic OUT --num-videos 480 --classes 8 --seed 0 [--vp9]
 
 Each class is an actor family (the shape and texture of the moving object)
 combined with a motion pattern (direction, speed, periodicity, pace). Per
@@ -16,7 +16,6 @@ how much appearance alone gives.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import multiprocessing
@@ -28,6 +27,12 @@ import av
 import numpy as np
 
 from shard_tools.transcode import x264_params
+from vthcl import options
+
+CLI = options.command(
+    "shard_tools.make_synthetic", __doc__, ["num_videos", options.SYNTHETIC, "short_side", "seed", "workers"],
+    positionals=[options.Positional("out", "the folder to write: OUT/videos, OUT/train and OUT/val", "OUT")],
+    recipe={"num_videos": 480, "short_side": 64})
 
 FAMILIES = ["disc", "box", "ring", "cross"]
 MOTIONS = [
@@ -186,24 +191,15 @@ def make(out: Path, videos: int, classes: int, seed: int = 0, vp9: bool = False,
     return result
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="make_synthetic", description=__doc__.split("\n\n")[0])
-    p.add_argument("out", metavar="OUT")
-    p.add_argument("--videos", type=int, default=480)
-    p.add_argument("--classes", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vp9", action="store_true", help="VP9/WebM videos and shards instead of H.264")
-    p.add_argument("--frames", type=int, default=96)
-    p.add_argument("--size", type=int, default=96, help="rendered frame size (pixels)")
-    p.add_argument("--short-side", type=int, default=64, help="short side in the shards")
-    p.add_argument("--val-fraction", type=float, default=0.25)
-    p.add_argument("--workers", type=int, default=None)
-    args = p.parse_args(argv)
-    paths = make(Path(args.out), args.videos, args.classes, args.seed, args.vp9, args.frames, args.size,
-                 args.val_fraction, args.workers, args.short_side, quiet=False)
+def _job(cfg: options.Config) -> None:
+    paths = make(Path(cfg.out), cfg.num_videos, cfg.classes, cfg.seed, cfg.vp9, cfg.frames, cfg.size,
+                 cfg.val_fraction, cfg.workers, cfg.short_side, quiet=cfg.quiet)
     for split, path in paths.items():
         print(f"{split}: {path}")
-    return 0
+
+
+def main(argv=None) -> int:
+    return options.cli("shard_tools.make_synthetic", _job, argv)
 
 
 if __name__ == "__main__":

@@ -51,9 +51,11 @@ def test_step_trainer_runs_on_cpu():
 
 
 def test_run_refuses_a_suite_without_its_inputs(capsys):
-    from benchmarks.run import main
-    with pytest.raises(SystemExit):
-        main(["--suite", "e2e"])
+    from benchmarks.run import main, run
+    from vthcl.options import UsageError
+    with pytest.raises(UsageError, match="--shards"):
+        run(suite="e2e")
+    assert main(["--suite", "e2e"]) == 2
     assert "--shards" in capsys.readouterr().err
 
 
