@@ -314,10 +314,11 @@ def as_dict(cfg) -> dict:
     return dict(vars(cfg))
 
 
-def kwargs(cfg) -> dict:
-    """A Config as the keyword arguments of its job's function (``make(**kwargs(cfg))``): its
-    options and positionals, less ``config`` and ``print_config`` (already applied)."""
-    return {k: v for k, v in vars(cfg).items() if k not in ("config", "print_config")}
+def kwargs(cfg: Config) -> dict:
+    """A Config as the keyword arguments of its job's function (``make(**kwargs(cfg))``): what was
+    given (the file's values included, ``config`` itself not), so the function resolves the same
+    configuration and knows what was given."""
+    return {k: getattr(cfg, k) for k in cfg.given if k not in ("config", "print_config")}
 
 
 def read_config(path: str | os.PathLike, cmd: Command) -> dict:
