@@ -208,7 +208,8 @@ def test_videos_are_found_in_a_dataset_tree_or_a_flat_folder(videos, real_tree, 
     assert len(links) == 12 and len({p.name for p in links}) == 12  # the two demo.mp4 stay apart
     empty = tmp_path / "empty" / "class"
     empty.mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no videos"):
+    from vthcl.options import UsageError
+    with pytest.raises(UsageError, match="no videos"):
         video_files(tmp_path / "empty")
 
 
