@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import statistics
-import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Callable
 
 from loaders.system import atomic, cores
+from vthcl.options import UsageError
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ["torch", "numpy", "av", "webdataset", "nvidia-dali-cuda120", "nvidia-dali-cuda130", "ffcv", "decord2"]
 
@@ -26,11 +28,11 @@ def video_files(folder: Path) -> list[Path]:
     hidden files and folders left out; sorted."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise SystemExit(f"benchmarks: {folder} is not a folder of videos")
+        raise UsageError(f"{folder} is not a folder of videos")
     found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not found:
-        raise SystemExit(f"benchmarks: no videos ({', '.join(sorted(VIDEO_SUFFIXES))}) in {folder} or below it")
+        raise UsageError(f"no videos ({', '.join(sorted(VIDEO_SUFFIXES))}) in {folder} or below it")
     return found
 
 
@@ -154,13 +156,14 @@ def repeat_rates(configs: dict[str, Callable[[], float]], repeats: int,
 
 
 def progress(msg: str) -> None:
-    """One line per measurement on stderr, so a run cut short still shows what it measured."""
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+    """A message per measurement, so a run cut short still shows what it measured."""
+    log.info(msg)
 
 
 def failure(e: Exception) -> dict:
-    """A configuration that raised: reported in the result (its ratios are null), the others still run."""
-    traceback.print_exc()
+    """A configuration that raised: logged with its traceback and reported in the result (its ratios are
+    null); the others still run."""
+    log.error(f"{type(e).__name__}: {e}", exc_info=e)
     return {"error": f"{type(e).__name__}: {e}"[:2000]}
 
 

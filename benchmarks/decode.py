@@ -55,6 +55,7 @@ from loaders import build_loader
 from loaders.fragments import FRAGMENT_MEMBERS, Fragments
 from loaders.sampling import ClipSpec
 from loaders.shards import resolve_shards
+from vthcl.options import UsageError
 
 POSITIONS = (0, 272, 544, 816, 1136)  # window starts in a 1200-frame member (the last valid one: 1136)
 
@@ -274,7 +275,7 @@ def run(videos: Path | None, out: Path, quick: bool, device: str = "cpu", shards
         given = shards
         if shards is None:
             if videos is None:
-                raise SystemExit("benchmarks decode: give --videos (to pack Kinetics-length shards) or --shards")
+                raise UsageError("the decode suite needs --videos (to pack Kinetics-length shards) or --shards")
             src = lengthened(videos, tmp / "lengthened_300", 300)
             shards = str(_pack(src[0].parent, tmp, codec, copies, name="kinetics"))
         long_shards = uniform_shards = None

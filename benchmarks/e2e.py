@@ -9,9 +9,9 @@ has fewer cores per GPU than a lent single-GPU machine); R18 also compiled
 (torch.compile), fed by DALI. Each measurement stops after ``max_seconds``
 (a slow loader gets a rate, not a stalled run). What the measured clips/s
 per GPU make the paper's pretraining (Kinetics-400, 240k videos x 200
-epochs) on one 8-GPU node, against our targets: the step-bound times
-measured on an H100 (R18 <= 3.5 h compiled, R50 <= 9 h), i.e. a loader that
-costs nothing. On a CPU a small R18 configuration.
+epochs) on one 8-GPU node, against our targets (``TARGET_HOURS``: the
+step-bound times, i.e. a loader that costs nothing). On a CPU a small R18
+configuration.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from benchmarks.step import Trainer, endless, measure_steps
 from loaders import build_loader, resolve_shards
 
 KINETICS_CLIPS = 240_000 * 200  # videos x epochs of the paper's pretraining
-# hours on 8 GPUs: the step-bound times measured on an H100 (R18 compiled 3.1 h, R50 8.4 h), rounded up
+# hours on 8 GPUs: the step-bound times of the step suite on an H100, rounded up (docs/benchmarks.md)
 TARGET_HOURS = {"r18": 3.5, "r50": 9}
 PYAV_CORES_PER_GPU = 8  # PyAV's figure also at 8 workers: what one GPU of an 8-GPU node has
 

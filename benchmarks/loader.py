@@ -37,6 +37,7 @@ from benchmarks.common import cores, lengthened, ratio, repeat_rates, replicate,
 from loaders import build_loader
 from loaders.sampling import ClipSpec
 from loaders.shards import resolve_shards
+from vthcl.options import JobError
 
 BATCH = 8  # clips per batch on a CPU
 GPU_BATCH = 32  # on cuda: the paper's per-GPU batch (256 on 8 GPUs)
@@ -154,17 +155,17 @@ def _pack(videos: Path, out: Path, codec: str, copies: int, *extra: str, name: s
     dest = out / "_".join([name, codec, *(e.strip("-") for e in extra)])
     rc = make_shards([str(src), str(dest), "--quiet", "--codec", codec, "--samples-per-shard", "16", *extra])
     if rc != 0:
-        raise SystemExit(f"benchmarks loader: packing {videos} failed (exit {rc})")
+        raise JobError(f"packing {videos} failed (make_shards exit {rc})")
     return dest
 
 
 def _beton(h264: str, out: Path, workers: int) -> tuple[str, dict, float]:
     """The same shards as an FFCV .beton; its size against the tars; setup time (compile)."""
-    from shard_tools.make_ffcv import main as make_ffcv
+    from shard_tools.make_ffcv import make
     beton = out / "clips.beton"
-    rc = make_ffcv([h264, str(beton), "--quiet", "--workers", str(workers)])
-    if rc != 0:
-        raise SystemExit(f"benchmarks loader: make_ffcv on {h264} failed (exit {rc})")
+    done = make(h264, beton, quiet=True, workers=workers)
+    if done["failed"] or not done["written"]:
+        raise JobError(f"make_ffcv on {h264}: {done['failed']} videos failed (see {done['failed_path']})")
     t = time.perf_counter()
     loader = build_loader(str(beton), backend="ffcv", batch_size=BATCH, crop_size=CROP, device="cpu",
                           num_workers=workers)
@@ -237,9 +238,8 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
     batch = GPU_BATCH if device == "cuda" else BATCH
     copies = 2 if quick else (32 if device == "cuda" else 8)  # a GPU decoder needs more clips to reach its rate
     epochs = 1 if quick else 2
-    # one measurement is ~1-20 s on 2 cores: 3 repeats left the ratios 0.1 apart run to run. On a (lent,
-    # time-limited) GPU machine: 3 repeats, each measurement stops after the batch that passes 15 s, and
-    # the JSON is written after every measurement
+    # a CPU's ratios vary run to run, so more repeats there; a lent GPU machine is time-limited, so there each
+    # measurement stops after the batch that passes 15 s, and the JSON is written after every measurement
     repeats = 1 if quick else (3 if device == "cuda" else 5)
     cap = 15.0 if device == "cuda" else float("inf")
     tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))

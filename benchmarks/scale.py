@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import write_result
+from benchmarks.common import progress, write_result
 
 SAMPLES_PER_SHARD = 250
 # a make_shards sample's members and sizes (a 10 s, 256p Kinetics clip: ~1.6 MB of video)
@@ -204,20 +204,20 @@ def run(out: Path, quick: bool = False) -> Path:
             for kind in kinds:
                 r = _probe_in_child(kind, manifest, timeout=120 if quick else 900)
                 results[f"{kind}_{n}_shards"] = r
-                print(f"[bench] {kind} {n} shards: {r}", file=sys.stderr, flush=True)
+                progress(f"{kind} {n} shards: {r}")
                 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
                 if kind == "dali_reader" and "Too many open files" in r.get("error", "") and hard > 2 * n:
                     # DALI's reader opens every tar at build: again with the limit raised (the hard one allows)
                     r = _probe_in_child(kind, manifest, 900, open_files=2 * n)
                     results[f"{kind}_{n}_shards_open_files_{2 * n}"] = r
-                    print(f"[bench] {kind} {n} shards, open-file limit {2 * n}: {r}", file=sys.stderr, flush=True)
+                    progress(f"{kind} {n} shards, open-file limit {2 * n}: {r}")
             shutil.rmtree(tmp / f"shards_{n}")
         rows = 20_000 if quick else 2_000_000  # 2M rows x 3 levels x 2 banks x 128 x 4 B = 6.1 GB in all
         for world in ([2] if quick else [2, 4]):
             r = bank_traffic(rows, world, 2 if quick else 5, tmp)
             r["formula"] = formula(rows, world)
             results[f"sharded_bank_{rows}_rows_{world}_ranks"] = r
-            print(f"[bench] sharded bank {rows} rows, {world} ranks: {r}", file=sys.stderr, flush=True)
+            progress(f"sharded bank {rows} rows, {world} ranks: {r}")
         plan = {}
         for world in (8, 16, 32, 64, 128, 256):
             f32, bf16 = formula(10_000_000, world, 4), formula(10_000_000, world, 2)
@@ -230,6 +230,3 @@ def run(out: Path, quick: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return write_result(out, "scale", settings, results, {}, "seconds / MB", notes, plot_png=False)
 
-
-if __name__ == "__main__":
-    run(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("benchmarks/results/latest"), "--quick" in sys.argv)

@@ -19,6 +19,7 @@ import av.filter
 from benchmarks.common import cores, ratio, repeat_rates, replicate, timed, video_files, write_result
 from shard_tools.make_shards import main as make_shards
 from shard_tools.transcode import ENCODER, MEMBER_EXT, EncodeSettings, encoder_options, output_size
+from vthcl.options import UsageError
 
 
 def bare_transcode(job: tuple[str, str, int, int, int, int]) -> int:
@@ -70,7 +71,7 @@ def run(videos: Path, out: Path, quick: bool, codec: str = "h264", workers: int 
     repeats = 1 if quick else 3
     files = video_files(videos)
     if not files:
-        raise SystemExit(f"benchmarks shards: no videos in {videos}")
+        raise UsageError(f"no videos in {videos}")
     tmp = Path(tempfile.mkdtemp(prefix="bench_shards_"))
     src = tmp / "src"
     inputs = [str(p) for p in replicate(videos, src, copies)]

@@ -1,7 +1,7 @@
 """Convert packed shards (or the videos make_shards takes) into an FFCV dataset.
 
-    python shard_tools/make_ffcv.py SHARDS OUT.beton [--quality 90] [--workers N]
-    python shard_tools/make_ffcv.py SRC OUT.beton [make_shards options: --fps, --short-side, --layout, ...]
+    python -m shard_tools.make_ffcv SHARDS OUT.beton [--quality 90] [--workers N]
+    python -m shard_tools.make_ffcv SRC OUT.beton [make_shards options: --fps, --short-side, --layout, ...]
 
 Each video becomes one sample with three fields (the format is defined with
 its reader in :mod:`loaders.ffcv`): ``video``, its frames as JPEGs with an
@@ -15,16 +15,16 @@ Given a folder of videos instead of shards, make_shards packs them first
 options given, so fps, short side, layouts, split files and failure reasons
 are make_shards' own.
 
-Videos that cannot be converted are named on stderr and written to
+Videos that cannot be converted are logged and written to
 ``OUT.failed.jsonl`` (source, key, reason) and never reach the .beton: an
 exception inside FFCV's writer workers would hang it. Exit code 0: all
 converted, 3: some failed, 2: usage error.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -37,20 +37,22 @@ import numpy as np
 from tqdm import tqdm
 
 from loaders.system import atomic, cores
-from shard_tools.make_shards import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from shard_tools.make_shards import EXIT_FAILED, EXIT_OK
 from shard_tools.make_shards import main as make_shards_main
+from vthcl import options
+from vthcl.options import UsageError
+
+log = logging.getLogger(__name__)
 
 MIN_PAGE = 2 << 20  # FFCV's smallest page; a sample must fit in one page
+# make_shards' options that apply to a folder of videos packed on the way (a part of a dataset does not)
+PACK_OPTIONS = tuple(n for n in options.PACK.names if n not in ("part", "parts"))
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="make_ffcv", description=__doc__.split("\n\n")[0])
-    p.add_argument("src", metavar="SHARDS", help="make_shards output (folder or manifest.json), or a folder of videos")
-    p.add_argument("out", metavar="OUT.beton")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores; 0: in-process)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+CLI = options.command(
+    "shard_tools.make_ffcv", __doc__, ["quality", "workers", "seed", *PACK_OPTIONS],
+    positionals=[options.Positional("src", "make_shards output (folder or manifest.json), or a folder of videos",
+                                    "SHARDS"),
+                 options.Positional("out", "the FFCV dataset to write", "OUT.beton")])
 
 
 def _is_shards(src: str) -> bool:
@@ -147,7 +149,7 @@ def convert(shards_src: str, out: str, quality: int, workers: int, quiet: bool, 
             for info, blob in results:
                 if isinstance(blob, str):
                     failed.append({"source": info["source"], "key": info["key"], "reason": blob})
-                    bar.write(f"failed: {info['source']}: {blob}", file=sys.stderr)
+                    log.warning(f"failed: {info['source']}: {blob}")
                 else:
                     records.append({**info, "offset": spool.tell(), "size": int(blob.size)})
                     spool.write(blob.tobytes())
@@ -170,54 +172,67 @@ def convert(shards_src: str, out: str, quality: int, workers: int, quiet: bool, 
     return len(records)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
-    if not 1 <= args.quality <= 100:
-        print("make_ffcv: error: --quality must be in 1..100", file=sys.stderr)
-        return EXIT_USAGE
-    if not args.out.endswith(".beton"):
-        print(f"make_ffcv: error: {args.out}: the output name must end in .beton", file=sys.stderr)
-        return EXIT_USAGE
-    out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    workers = cores() if args.workers is None else args.workers
+def make(src: str, out: str, **values) -> dict:
+    """Convert ``src`` (shards, or a folder of videos that make_shards packs
+    first with the pack options given) into the FFCV dataset ``out``
+    (``*.beton``); videos that fail go to ``OUT.failed.jsonl``. Options: those
+    of ``python -m shard_tools.make_ffcv --help``. Returns ``{"written",
+    "failed", "failed_path", "out"}``; nothing is written when no video
+    converts."""
+    cfg = options.resolve("shard_tools.make_ffcv", src=src, out=out, **values)
+    if not 1 <= cfg.quality <= 100:
+        raise UsageError("--quality must be in 1..100")
+    if not cfg.out.endswith(".beton"):
+        raise UsageError(f"{cfg.out}: the output name must end in .beton")
+    out = os.path.abspath(cfg.out)
+    workers = cores() if cfg.workers is None else cfg.workers
+    pack = [n for n in (*PACK_OPTIONS, "seed") if n in cfg.given]
     failed: list[dict] = []
-    src, packed = args.src, None
+    src, packed = cfg.src, None
     if not _is_shards(src):
         if not os.path.isdir(src):
-            print(f"make_ffcv: error: {src}: neither shards (no manifest.json) nor a folder of videos",
-                  file=sys.stderr)
-            return EXIT_USAGE
+            raise UsageError(f"{src}: neither shards (no manifest.json) nor a folder of videos")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
         packed = src = out + ".shards"
         shutil.rmtree(packed, ignore_errors=True)
-        crf = [] if "--crf" in extra else ["--crf", "0"]
-        code = make_shards_main([args.src, packed, *crf, "--workers", str(workers), *extra]
-                                + (["--quiet"] if args.quiet else []))
-        if code == EXIT_USAGE:
+        argv = options.to_argv(cfg, pack)
+        argv = ["--preset" if a == "--x264-preset" else a for a in argv]  # make_shards' own spelling
+        crf = [] if "crf" in cfg.given else ["--crf", "0"]
+        code = make_shards_main([cfg.src, packed, *crf, "--workers", str(workers), *argv]
+                                + (["--quiet"] if cfg.quiet else []))
+        if code not in (EXIT_OK, EXIT_FAILED):
             shutil.rmtree(packed, ignore_errors=True)
-            return EXIT_USAGE
+            raise UsageError(f"make_shards could not pack {cfg.src} (its error above)")
         with open(os.path.join(packed, "failed.jsonl"), encoding="utf-8") as f:
             failed.extend(json.loads(line) for line in f if line.strip())
-    elif extra:
-        print(f"make_ffcv: error: unknown options {' '.join(extra)} (make_shards options apply to a folder "
-              "of videos, not to shards)", file=sys.stderr)
-        return EXIT_USAGE
+    elif pack:
+        raise UsageError(f"make_shards options ({', '.join(options.OPTIONS[n].flag for n in pack)}) apply to a "
+                         "folder of videos, not to shards")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     try:
-        written = convert(src, out, args.quality, workers, args.quiet, failed)
+        written = convert(src, out, cfg.quality, workers, cfg.quiet, failed)
     except (FileNotFoundError, ValueError) as e:
-        print(f"make_ffcv: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(str(e)) from None
     finally:
         if packed:
             shutil.rmtree(packed, ignore_errors=True)
     failed_path = out[:-len(".beton")] + ".failed.jsonl"
     with open(failed_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in failed)
-    if not written:
-        print(f"make_ffcv: no video could be converted (see {failed_path}); {out} not written", file=sys.stderr)
+    return {"written": written, "failed": len(failed), "failed_path": failed_path, "out": out}
+
+
+def _job(cfg: options.Config) -> int:
+    r = make(**options.kwargs(cfg))
+    if not r["written"]:
+        log.error(f"no video could be converted (see {r['failed_path']}); {r['out']} not written")
         return EXIT_FAILED
-    print(f"{written} converted, {len(failed)} failed (see {failed_path})")
-    return EXIT_FAILED if failed else EXIT_OK
+    print(f"{r['written']} converted, {r['failed']} failed (see {r['failed_path']})")
+    return EXIT_FAILED if r["failed"] else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return options.cli("shard_tools.make_ffcv", _job, argv)
 
 
 if __name__ == "__main__":

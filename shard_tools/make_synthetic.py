@@ -1,6 +1,6 @@
 """A synthetic "tempo" action dataset: real video files made from scratch, then sharded.
 
-    python -m shard_tools.make_synthetic OUT --videos 480 --classes 8 --seed 0 [--vp9]
+    python -m shard_tools.make_synthetic OUT --num-videos 480 --classes 8 --seed 0 [--vp9]
     python -m shard_tools.make_synthetic OUT --task ava|epic   (long videos: shard_tools.synthetic_tasks)
 
 Each class is an actor family (the shape and texture of the moving object)
@@ -17,7 +17,6 @@ how much appearance alone gives.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import multiprocessing
@@ -29,6 +28,12 @@ import av
 import numpy as np
 
 from shard_tools.transcode import x264_params
+from vthcl import options
+
+CLI = options.command(
+    "shard_tools.make_synthetic", __doc__, ["num_videos", options.SYNTHETIC, "short_side", "seed", "workers"],
+    positionals=[options.Positional("out", "the folder to write: OUT/videos, OUT/train and OUT/val", "OUT")],
+    recipe={"num_videos": 480, "short_side": 64})
 
 FAMILIES = ["disc", "box", "ring", "cross"]
 MOTIONS = [
@@ -48,7 +53,7 @@ def class_names(num_classes: int) -> list[str]:
     pairs = [(FAMILIES[i], MOTIONS[(i + k) % len(MOTIONS)][0])
              for k in range(len(MOTIONS)) for i in range(len(FAMILIES))]
     if num_classes > len(pairs):
-        raise ValueError(f"at most {len(pairs)} classes ({len(FAMILIES)} families x {len(MOTIONS)} motions)")
+        raise options.UsageError(f"at most {len(pairs)} classes ({len(FAMILIES)} families x {len(MOTIONS)} motions)")
     return [f"{f}_{m}" for f, m in pairs[:num_classes]]
 
 
@@ -163,15 +168,16 @@ def make(out: Path, videos: int | None = None, classes: int = 8, seed: int = 0, 
     if task in ("ava", "epic"):
         from shard_tools.synthetic_tasks import make_task
         if vp9:
-            raise ValueError(f"vp9: the {task} videos are written as H.264 only")
+            raise options.UsageError(f"vp9: the {task} videos are written as H.264 only")
         return make_task(task, Path(out), seed, videos, val_videos, duration, fps, size, width, participants,
                          epic_columns, workers, short_side, quiet, pack)
     if task != "tempo":
-        raise ValueError(f"task {task!r}: tempo, ava or epic")
+        raise options.UsageError(f"task {task!r}: tempo, ava or epic")
     given = {"val_videos": val_videos, "duration": duration, "fps": fps, "width": width,
              "participants": participants}
     if any(v is not None for v in given.values()):
-        raise ValueError(f"{', '.join(k for k, v in given.items() if v is not None)}: only for --task ava or epic")
+        named = ", ".join(k for k, v in given.items() if v is not None)
+        raise options.UsageError(f"{named}: only for --task ava or epic")
     videos = 480 if videos is None else videos
     size = 96 if size is None else size
     from loaders.system import cores
@@ -214,43 +220,18 @@ def make(out: Path, videos: int | None = None, classes: int = 8, seed: int = 0, 
     return result
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="make_synthetic", description=__doc__.split("\n\n")[0])
-    p.add_argument("out", metavar="OUT")
-    p.add_argument("--task", choices=["tempo", "ava", "epic"], default="tempo",
-                   help="tempo: short classified clips; ava, epic: long videos with AVA v2.2 or EPIC-Kitchens "
-                        "annotations (see shard_tools/synthetic_tasks.py)")
-    p.add_argument("--videos", type=int, default=None,
-                   help="tempo: videos (480); ava: train videos (6); epic: train videos per participant (2)")
-    p.add_argument("--classes", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vp9", action="store_true", help="VP9/WebM videos and shards instead of H.264 (tempo only)")
-    p.add_argument("--frames", type=int, default=96)
-    p.add_argument("--size", type=int, default=None,
-                   help="rendered frame size in pixels: tempo 96 (square); ava 96 high, epic 72 high")
-    p.add_argument("--short-side", type=int, default=64, help="short side in the shards")
-    p.add_argument("--val-fraction", type=float, default=0.25)
-    p.add_argument("--workers", type=int, default=None)
-    long = p.add_argument_group("ava and epic")
-    long.add_argument("--val-videos", type=int, default=None, help="ava: val videos (3); epic: per participant (1)")
-    long.add_argument("--duration", type=float, default=None, help="seconds per video (ava 40, epic 60)")
-    long.add_argument("--fps", type=int, default=None, help="frame rate of the videos (ava 25, epic 50)")
-    long.add_argument("--width", type=int, default=None, help="frame width (ava 4:3, epic 16:9 of --size)")
-    long.add_argument("--participants", type=int, default=None, help="epic: participants (2)")
-    long.add_argument("--epic-columns", type=int, choices=[55, 100], default=100,
-                      help="epic: pack the EPIC-55 or the EPIC-100 files (both are written)")
-    long.add_argument("--no-pack", action="store_true", help="write the videos and annotations only")
-    args = p.parse_args(argv)
-    try:
-        paths = make(Path(args.out), args.videos, args.classes, args.seed, args.vp9, args.frames, args.size,
-                     args.val_fraction, args.workers, args.short_side, quiet=False, task=args.task,
-                     pack=not args.no_pack, val_videos=args.val_videos, duration=args.duration, fps=args.fps,
-                     width=args.width, participants=args.participants, epic_columns=args.epic_columns)
-    except ValueError as e:
-        p.error(str(e))
+def _job(cfg: options.Config) -> None:
+    videos = cfg.num_videos if cfg.task == "tempo" or "num_videos" in cfg.given else None
+    paths = make(Path(cfg.out), videos, cfg.classes, cfg.seed, cfg.vp9, cfg.frames, cfg.size, cfg.val_fraction,
+                 cfg.workers, cfg.short_side, quiet=cfg.quiet, task=cfg.task, pack=cfg.pack,
+                 val_videos=cfg.val_videos, duration=cfg.duration, fps=cfg.video_fps, width=cfg.frame_width,
+                 participants=cfg.participants, epic_columns=cfg.epic_columns)
     for split, path in paths.items():
         print(f"{split}: {path}")
-    return 0
+
+
+def main(argv=None) -> int:
+    return options.cli("shard_tools.make_synthetic", _job, argv)
 
 
 if __name__ == "__main__":

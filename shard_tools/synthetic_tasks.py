@@ -86,6 +86,7 @@ from pathlib import Path
 import numpy as np
 
 from shard_tools.make_synthetic import FAMILIES, _mask, _texture, write_video
+from vthcl.options import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +245,11 @@ def _workers(workers: int | None) -> int:
 
 def _check_size(height: int, width: int, fps: int, duration: float, least: float) -> None:
     if height < 48 or width < 48 or height % 2 or width % 2:
-        raise ValueError(f"frame size {width}x{height}: each side must be even and at least 48 pixels")
+        raise UsageError(f"frame size {width}x{height}: each side must be even and at least 48 pixels")
     if int(fps) != fps or fps < 10:
-        raise ValueError(f"fps {fps}: an integer frame rate of at least 10 is needed")
+        raise UsageError(f"fps {fps}: an integer frame rate of at least 10 is needed")
     if duration < least:
-        raise ValueError(f"duration {duration} s: at least {least} s is needed")
+        raise UsageError(f"duration {duration} s: at least {least} s is needed")
 
 
 # ----------------------------------------------------------------------------- AVA
@@ -395,7 +396,7 @@ def make_ava(out: Path, seed: int = 0, train_videos: int = 6, val_videos: int = 
     """Write ``OUT/videos/synAVA_NNN.mp4`` and the AVA v2.2 files; returns their paths by name."""
     _check_size(height, width, fps, duration, 5)
     if train_videos < 1 or val_videos < 1:
-        raise ValueError("at least one train and one val video are needed")
+        raise UsageError("at least one train and one val video are needed")
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     total = train_videos + val_videos
@@ -505,9 +506,9 @@ def epic_scene(seed: int, duration: float = 60, fps: int = 50, height: int = 72,
     """One EPIC-style video: the objects at their places and the hand acting on them."""
     _check_size(height, width, fps, duration, 8)
     if not 3 <= nouns <= len(EPIC_NOUNS):
-        raise ValueError(f"nouns {nouns}: between 3 and {len(EPIC_NOUNS)}")
+        raise UsageError(f"nouns {nouns}: between 3 and {len(EPIC_NOUNS)}")
     if not 0 <= rule_prob <= 1:
-        raise ValueError(f"rule_prob {rule_prob}: a probability is needed")
+        raise UsageError(f"rule_prob {rule_prob}: a probability is needed")
     rng = np.random.default_rng(seed)
     num_frames = int(round(duration * fps))
     scale = height / 72
@@ -596,7 +597,7 @@ def epic_files(columns: int) -> dict:
         return {"train": "EPIC_train_action_labels.csv", "val": "EPIC_val_action_labels.csv"}
     if columns == 100:
         return {"train": "EPIC_100_train.csv", "val": "EPIC_100_validation.csv"}
-    raise ValueError(f"epic columns {columns}: 55 or 100")
+    raise UsageError(f"epic columns {columns}: 55 or 100")
 
 
 def make_epic(out: Path, seed: int = 0, participants: int = 2, train_videos: int = 2, val_videos: int = 1,
@@ -606,7 +607,7 @@ def make_epic(out: Path, seed: int = 0, participants: int = 2, train_videos: int
     and val videos per participant); returns the files' paths by name."""
     _check_size(height, width, fps, duration, 8)
     if participants < 1 or train_videos < 1 or val_videos < 1:
-        raise ValueError("at least one participant with one train and one val video is needed")
+        raise UsageError("at least one participant with one train and one val video is needed")
     out = Path(out)
     seeds = iter(video_seeds(seed, participants * (train_videos + val_videos)))
     jobs, split_of = [], []
@@ -652,7 +653,7 @@ def pack(task: str, out: Path, files: dict, short_side: int = 64, workers: int |
         elif task == "epic":
             args = ["--layout", "epic", "--annotations", files[f"{split}_epic{epic_columns}"]]
         else:
-            raise ValueError(f"task {task!r}: ava or epic")
+            raise UsageError(f"task {task!r}: ava or epic")
         args = [str(out / "videos"), str(out / split), *args, "--prefix", split, "--seed", str(seed),
                 "--short-side", str(short_side), "--workers", str(_workers(workers))]
         if quiet:
@@ -683,10 +684,10 @@ def make_task(task: str, out: Path, seed: int = 0, videos: int | None = None, va
 
     if task == "ava":
         if participants is not None:
-            raise ValueError("participants: only for --task epic")
+            raise UsageError("participants: only for --task epic")
         duration = pick(duration, 40)
         if int(duration) != duration:
-            raise ValueError(f"duration {duration}: whole seconds for ava (its keyframes are integer seconds)")
+            raise UsageError(f"duration {duration}: whole seconds for ava (its keyframes are integer seconds)")
         height = pick(height, 96)
         files = make_ava(out, seed, pick(videos, 6), pick(val_videos, 3), int(duration), pick(fps, 25), height,
                          pick(width, round(height * 4 / 3 / 2) * 2), workers=workers)
@@ -698,7 +699,7 @@ def make_task(task: str, out: Path, seed: int = 0, videos: int | None = None, va
                           pick(fps, 50), height, pick(width, round(height * 16 / 9 / 2) * 2), workers=workers)
         annotations = {s: files[f"{s}_epic{epic_columns}"] for s in ("train", "val")}
     else:
-        raise ValueError(f"task {task!r}: ava or epic")
+        raise UsageError(f"task {task!r}: ava or epic")
     if not pack_shards:
         return annotations
     return pack(task, out, files, short_side, workers, seed, quiet, epic_columns)

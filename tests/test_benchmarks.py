@@ -51,9 +51,11 @@ def test_step_trainer_runs_on_cpu():
 
 
 def test_run_refuses_a_suite_without_its_inputs(capsys):
-    from benchmarks.run import main
-    with pytest.raises(SystemExit):
-        main(["--suite", "e2e"])
+    from benchmarks.run import main, run
+    from vthcl.options import UsageError
+    with pytest.raises(UsageError, match="--shards"):
+        run(suite="e2e")
+    assert main(["--suite", "e2e"]) == 2
     assert "--shards" in capsys.readouterr().err
 
 
@@ -213,7 +215,8 @@ def test_videos_are_found_in_a_dataset_tree_or_a_flat_folder(videos, real_tree, 
     assert len(links) == 12 and len({p.name for p in links}) == 12  # the two demo.mp4 stay apart
     empty = tmp_path / "empty" / "class"
     empty.mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no videos"):
+    from vthcl.options import UsageError
+    with pytest.raises(UsageError, match="no videos"):
         video_files(tmp_path / "empty")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -216,29 +217,29 @@ def test_sharded_banks_hold_their_rows_and_match_the_full_bank(tmp_path, world):
 
 
 # ----------------------------------------------------------------------------- vthcl.train
-TRAIN = ["--backend", "pyav", "--batch-size", "2", "--crop-size", "32", "--width", "8", "--epochs", "2",
-         "--num-negatives", "3", "--no-progress", "--num-workers", "0", "--seed", "1", "--no-tensorboard"]
+TRAIN = dict(backend="pyav", batch_size=2, crop_size=32, width=8, epochs=2, num_negatives=3, quiet=True, workers=0,
+             seed=1, tensorboard=False)
 
 
-def _train(out, *args):
-    from vthcl.train import main
-    assert main(["--out", str(out), *args]) == 0
+def _train(out, **options):
+    from vthcl.train import train
+    train(out=out, **{**TRAIN, **options})
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
 @pytest.mark.parametrize("backend,shards", [("pyav", "h264_shards"),
                                             pytest.param("ffcv", "real_beton", marks=pytest.mark.ffcv)])
 def test_three_steps_on_real_video_shards_and_exact_resume(backend, shards, request, tmp_path):
-    data = ["--data", str(request.getfixturevalue(shards))]
-    train = [*TRAIN, "--backend", backend, "--num-workers", "0" if backend == "pyav" else "1"]
-    straight = _train(tmp_path / "a", *data, *train, "--max-steps", "6")
-    first = _train(tmp_path / "b", *data, *train, "--max-steps", "3")
+    data = request.getfixturevalue(shards)
+    train = dict(data=data, backend=backend, workers=0 if backend == "pyav" else 1)
+    straight = _train(tmp_path / "a", **train, max_steps=6)
+    first = _train(tmp_path / "b", **train, max_steps=3)
     assert [m["step"] for m in first] == [1, 2, 3]
     for m in first:
         assert {"step", "epoch", "loss", "loss_res3", "loss_res4", "loss_res5", "lr", "clips_per_s",
                 "data_wait"} <= set(m)
         assert m["loss"] == pytest.approx(m["loss_res3"] + m["loss_res4"] + m["loss_res5"], rel=1e-5)
-    resumed = _train(tmp_path / "b", *data, *train, "--max-steps", "6", "--resume")
+    resumed = _train(tmp_path / "b", **train, max_steps=6, resume=True)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in resumed[3:]] == [m["loss"] for m in straight[3:]]
     assert [m["epoch"] for m in straight] == [0, 0, 0, 1, 1, 1]  # 5 videos, batch 2: 3 steps an epoch
@@ -267,10 +268,12 @@ def test_color_jitter_per_clip_and_reproducible():
 
 
 def test_lr_schedule_and_config_file(tmp_path):
+    from vthcl.train import train
     cfg = tmp_path / "c.yaml"
     cfg.write_text("backend: synthetic\nnum_videos: 16\nbatch_size: 4\ncrop_size: 16\nwidth: 8\nepochs: 1\n"
-                   "num_negatives: 5\nlevels: 2\ntensorboard: false\nprogress: false\n")
-    metrics = _train(tmp_path / "o", "--config", str(cfg))
+                   "num_negatives: 5\nlevels: 2\ntensorboard: false\nquiet: true\n")
+    train(config=cfg, out=tmp_path / "o")
+    metrics = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
     assert len(metrics) == 4 and set(metrics[0]) >= {"loss_res4", "loss_res5"} and "loss_res3" not in metrics[0]
     lrs = [m["lr"] for m in metrics]
     base = 0.03 * 4 / 256
@@ -279,21 +282,22 @@ def test_lr_schedule_and_config_file(tmp_path):
 
 
 def test_nonfinite_losses_stop_with_a_message(tmp_path):
-    from vthcl.train import main
-    with pytest.raises(SystemExit, match="non-finite"):
-        main(["--out", str(tmp_path), "--backend", "synthetic", "--num-videos", "8", "--batch-size", "4",
-              "--crop-size", "16", "--width", "8", "--temperature", "1e-45", "--max-nonfinite", "2", "--no-progress",
-              "--no-tensorboard", "--num-negatives", "3"])
+    from vthcl.options import JobError
+    from vthcl.train import train
+    with pytest.raises(JobError, match="non-finite"):
+        train(out=tmp_path, backend="synthetic", num_videos=8, batch_size=4, crop_size=16, width=8,
+              temperature=1e-45, max_nonfinite=2, quiet=True, tensorboard=False, num_negatives=3)
 
 
 def test_missing_or_empty_dataset_is_a_clear_error(tmp_path):
-    from vthcl.train import main
-    with pytest.raises(SystemExit, match="error"):
-        main(["--out", str(tmp_path / "o"), "--data", str(tmp_path / "nothing"), "--no-progress"])
+    from vthcl.options import UsageError
+    from vthcl.train import train
+    with pytest.raises(UsageError, match="nothing"):
+        train(out=tmp_path / "o", data=tmp_path / "nothing", quiet=True)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "manifest.json").write_text(json.dumps({"shards": [], "total_samples": 0}))
-    with pytest.raises(SystemExit, match="no samples"):
-        main(["--out", str(tmp_path / "o"), "--data", str(tmp_path / "m" / "manifest.json"), "--no-progress"])
+    with pytest.raises(UsageError, match="no samples"):
+        train(out=tmp_path / "o", data=tmp_path / "m" / "manifest.json", quiet=True)
 
 
 def _torchrun(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
@@ -305,7 +309,7 @@ def _torchrun(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={port}", "-m", "vthcl.train", "--backend", "synthetic", "--num-videos", "12",
-           "--batch-size", "4", "--crop-size", "16", "--width", "8", "--num-negatives", "5", "--no-progress",
+           "--batch-size", "4", "--crop-size", "16", "--width", "8", "--num-negatives", "5",
            "--no-tensorboard", "--device", "cpu", "--out", str(out), *args]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -344,50 +348,57 @@ class _Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_a_checkpoint_that_carries_code_is_refused_and_never_runs(h264_shards, tmp_path):
+def test_a_checkpoint_that_carries_code_is_refused_and_never_runs(h264_shards, tmp_path, caplog):
     """vthcl.train --resume, vthcl.eval and vthcl.icm_maps load checkpoints as
     tensors and plain values only: a last.pt with a pickled payload is
-    refused with an error naming the file, and its code never runs."""
+    refused with an error naming the file, and its code never runs; each CLI
+    says so as its usage error (exit 2)."""
     from vthcl import eval as veval
     from vthcl import icm_maps
-    from vthcl.train import main as train
+    from vthcl.checkpoint import CheckpointRefused
+    from vthcl.train import main as train_main
+    from vthcl.train import train
     out = tmp_path / "run"
-    _train(out, "--data", str(h264_shards), *TRAIN, "--max-steps", "1")
+    _train(out, data=h264_shards, max_steps=1)
     ck = torch.load(out / "last.pt", weights_only=True)  # our own checkpoint needs nothing more
     marker = tmp_path / "payload_ran"
     ck["extra"] = _Payload(marker)
     torch.save(ck, out / "last.pt")
     runs = {
-        "vthcl.train": lambda: train(["--out", str(out), "--data", str(h264_shards), *TRAIN, "--max-steps", "2",
-                                      "--resume"]),
-        "vthcl.eval": lambda: veval.main(["knn", "--checkpoint", str(out / "last.pt"), "--train",
-                                          str(h264_shards), "--val", str(h264_shards), "--out", str(tmp_path / "e")]),
-        "vthcl.icm_maps": lambda: icm_maps.main(["--checkpoint", str(out / "last.pt"), "--score", "1",
-                                       "--out", str(tmp_path / "i")]),
+        "vthcl.train": lambda: train(out=out, data=h264_shards, **TRAIN, max_steps=2, resume=True),
+        "vthcl.eval": lambda: veval.run(mode="knn", checkpoint=out / "last.pt", train=h264_shards, val=h264_shards,
+                                        out=tmp_path / "e"),
+        "vthcl.icm_maps": lambda: icm_maps.run(checkpoint=out / "last.pt", score=1, out=tmp_path / "i"),
     }
     for name, run in runs.items():
-        with pytest.raises(SystemExit, match=rf"{name}: error: .*last\.pt: refused.*posix\.system.*"
-                                             r"--trust-checkpoint"):
+        with pytest.raises(CheckpointRefused, match=r".*last\.pt: refused.*posix\.system.*--trust-checkpoint"):
             run()
         assert not marker.exists(), f"{name} ran the payload"
+    caplog.clear()
+    argv = ["--out", str(out), "--data", str(h264_shards), "--resume", "--quiet", "--workers", "0"]
+    assert train_main(argv) == 2
+    assert not marker.exists()
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert re.match(r".*last\.pt: refused.*posix\.system.*--trust-checkpoint", message)
 
 
 def test_checkpoints_written_before_are_loaded_only_when_trusted(h264_shards, tmp_path):
-    """A last.pt as vthcl.train wrote it before 2026-12-01 (NumPy's RNG state
-    as NumPy objects) is refused, and with --trust-checkpoint resumes exactly."""
+    """A last.pt that holds NumPy's RNG state as NumPy objects (as vthcl.train
+    once wrote it) is refused, and with trust_checkpoint resumes exactly."""
     import numpy as np
-    data = ["--data", str(h264_shards)]
-    straight = _train(tmp_path / "a", *data, *TRAIN, "--max-steps", "4")
-    _train(tmp_path / "b", *data, *TRAIN, "--max-steps", "2")
+
+    from vthcl.checkpoint import CheckpointRefused
+    from vthcl.train import train
+    straight = _train(tmp_path / "a", data=h264_shards, max_steps=4)
+    _train(tmp_path / "b", data=h264_shards, max_steps=2)
     ck = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     for state in ck["rng"]:  # the old layout: np.random.get_state()'s tuple
         n = state["numpy"]
         state["numpy"] = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                           n["cached_gaussian"])
     torch.save(ck, tmp_path / "b" / "last.pt")
-    from vthcl.train import main as train
-    with pytest.raises(SystemExit, match="refused.*numpy"):
-        train(["--out", str(tmp_path / "b"), *data, *TRAIN, "--max-steps", "4", "--resume"])
+    with pytest.raises(CheckpointRefused, match="refused.*numpy"):
+        train(out=tmp_path / "b", data=h264_shards, **{**TRAIN, "max_steps": 4, "resume": True})
     with pytest.warns(RuntimeWarning, match="unpickled in full"):
-        resumed = _train(tmp_path / "b", *data, *TRAIN, "--max-steps", "4", "--resume", "--trust-checkpoint")
+        resumed = _train(tmp_path / "b", data=h264_shards, max_steps=4, resume=True, trust_checkpoint=True)
     assert [m["loss"] for m in resumed[2:]] == [m["loss"] for m in straight[2:]]

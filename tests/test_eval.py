@@ -9,9 +9,9 @@ import torch
 
 from shard_tools.make_synthetic import class_names, make, render
 from tests.conftest import REPO
+from vthcl import eval as veval
 from vthcl.demo import icm_verdict
 from vthcl.eval import knn, linear_probe, retrieval
-from vthcl.eval import main as eval_main
 
 
 def test_protocols_on_separable_features():
@@ -70,11 +70,10 @@ def tiny_set(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_set, tmp_path_factory):
     out, paths = tiny_set
-    from vthcl.train import main
+    from vthcl.train import train
     ck = tmp_path_factory.mktemp("pre")
-    main(["--data", paths["train"], "--backend", "pyav", "--width", "8", "--crop-size", "32", "--batch-size", "6",
-          "--max-steps", "2", "--num-negatives", "8", "--out", str(ck), "--num-workers", "0", "--no-progress",
-          "--no-tensorboard"])
+    train(data=paths["train"], backend="pyav", width=8, crop_size=32, batch_size=6, max_steps=2, num_negatives=8,
+          out=ck, workers=0, quiet=True, tensorboard=False)
     return ck / "last.pt"
 
 
@@ -88,15 +87,16 @@ def test_synthetic_shards(tiny_set):
 
 
 @pytest.mark.parametrize("mode,extra,key", [
-    ("linear", [], "top1"), ("knn", [], "top1"), ("retrieval", [], "recall@5"),
-    ("linear", ["--random-init"], "top1"), ("linear", ["--single-frame"], "top1"),
-    ("finetune", ["--epochs", "2", "--batch-size", "6", "--num-clips", "3", "--lr", "0.01"], "top1"),
+    ("linear", {}, "top1"), ("knn", {}, "top1"), ("retrieval", {}, "recall@5"),
+    ("linear", {"random_init": True}, "top1"), ("linear", {"single_frame": True}, "top1"),
+    ("finetune", {"epochs": 2, "batch_size": 6, "num_clips": 3, "lr": 0.01}, "top1"),
 ])
 def test_eval_modes(tiny_set, tiny_checkpoint, tmp_path, mode, extra, key, capsys):
     _, paths = tiny_set
-    assert eval_main([mode, "--checkpoint", str(tiny_checkpoint), "--train", paths["train"], "--val",
-                      paths["val"], "--out", str(tmp_path), *extra]) == 0
+    returned = veval.run(mode=mode, checkpoint=tiny_checkpoint, train=paths["train"], val=paths["val"],
+                         out=tmp_path, workers=0, **extra)
     (result_file,) = tmp_path.glob("*.json")
+    assert json.loads(result_file.read_text()) == returned
     result = json.loads(result_file.read_text())
     assert 0.0 <= result[key] <= 100.0 and result["mode"] == mode
     if mode == "finetune":
@@ -105,8 +105,9 @@ def test_eval_modes(tiny_set, tiny_checkpoint, tmp_path, mode, extra, key, capsy
 
 def test_eval_from_slow_encoder_state_dict(tiny_set, tiny_checkpoint, tmp_path):
     _, paths = tiny_set
-    assert eval_main(["knn", "--checkpoint", str(tiny_checkpoint.with_name("slow_encoder.pt")), "--train",
-                      paths["train"], "--val", paths["val"], "--out", str(tmp_path)]) == 0
+    result = veval.run(mode="knn", checkpoint=tiny_checkpoint.with_name("slow_encoder.pt"), train=paths["train"],
+                       val=paths["val"], out=tmp_path, workers=0)
+    assert 0.0 <= result["top1"] <= 100.0
 
 
 def test_icm_verdict_follows_the_scores():
@@ -120,8 +121,8 @@ def test_icm_verdict_follows_the_scores():
 
 
 def test_quick_demo_end_to_end(tmp_path):
-    from vthcl.demo import main
-    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    from vthcl.demo import run
+    run(quick=True, out=tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     for metric in ("linear", "knn"):
         assert set(results[metric]) == {"pretrained", "random"}
@@ -140,7 +141,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert len(losses) == 30 and all(np.isfinite(losses))
     # deterministic for a seed: a second run from scratch gives the same losses, results and pictures
     again = tmp_path / "again"
-    assert main(["--quick", "--out", str(again)]) == 0
+    run(quick=True, out=again)
     assert [json.loads(line)["loss"] for line in open(again / "pretrain" / "metrics.jsonl")] == losses
     results.pop("timing")
     assert {k: v for k, v in json.loads((again / "results.json").read_text()).items() if k != "timing"} == results
@@ -192,19 +193,18 @@ def test_recipes_load_as_configs(tmp_path):
     """configs/: the paper's Kinetics-400 R18/R50 pretraining and UCF101/HMDB51
     fine-tuning load with --config in vthcl.train and vthcl.eval; the command
     line wins; an unknown key is refused, naming the file."""
-    from vthcl.eval import parse_args
-    from vthcl.train import parse_config
+    from vthcl.options import UsageError, parse, resolve
     configs = REPO / "configs"
     for arch in ("r18", "r50"):
-        cfg = parse_config(["--config", str(configs / f"k400_{arch}_pretrain.yaml"), "--data", "x"])
+        cfg = resolve("vthcl.train", config=configs / f"k400_{arch}_pretrain.yaml", data="x")
         assert (cfg.arch, cfg.epochs, cfg.batch_size, cfg.num_negatives, cfg.base_lr, cfg.temperature,
                 cfg.bank_momentum, cfg.levels, cfg.alpha, cfg.tau) == (arch, 200, 256, 16384, 0.03, 0.07, 0.5, 3, 2, 8)
-    assert parse_config(["--config", str(configs / "k400_r18_pretrain.yaml"), "--epochs", "3"]).epochs == 3
+    assert parse("vthcl.train", ["--config", str(configs / "k400_r18_pretrain.yaml"), "--epochs", "3"]).epochs == 3
     for name in ("ucf101", "hmdb51"):
-        args = parse_args(["finetune", "--config", str(configs / f"{name}_finetune.yaml"), "--random-init",
-                           "--train", "a", "--val", "b", "--out", "c", "--lr", "0.05"])
+        args = resolve("vthcl.eval", mode="finetune", config=configs / f"{name}_finetune.yaml", random_init=True,
+                       train="a", val="b", out="c", lr=0.05)
         assert (args.epochs, args.batch_size, args.num_clips, args.crop_size, args.lr) == (100, 64, 10, 224, 0.05)
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: 3\ntrain: /data/elsewhere\n")
-    with pytest.raises(SystemExit, match=r"unknown keys in .*bad.yaml: \['train'\]"):
-        parse_args(["knn", "--config", str(bad), "--random-init", "--train", "a", "--val", "b", "--out", "c"])
+    with pytest.raises(UsageError, match=r"unknown keys in .*bad.yaml: \['train'\]"):
+        resolve("vthcl.eval", mode="knn", config=bad, random_init=True, train="a", val="b", out="c")

@@ -13,7 +13,7 @@ import torch
 
 from loaders import build_loader
 from loaders.sampling import ClipSpec
-from tests.test_core import TRAIN, _train
+from tests.test_core import _train
 from tests.test_loaders import KEYS, check_exact, check_long_windows, corrupt_copy, long_numbers
 
 pytest.importorskip("nvidia.dali")
@@ -109,10 +109,8 @@ def test_mixed_decode_of_windows_cut_from_long_h264(long_h264):
 
 
 def test_bf16_train_steps_on_dali(h264_shards, tmp_path):
-    data = ["--data", str(h264_shards)]
-    train = [*TRAIN, "--backend", "dali", "--device", "cuda", "--num-workers", "2", "--precision", "bf16",
-             "--channels-last", "--max-steps", "4"]
-    first = _train(tmp_path / "a", *data, *train)
+    first = _train(tmp_path / "a", data=h264_shards, backend="dali", device="cuda", workers=2, precision="bf16",
+                   channels_last=True, max_steps=4)
     assert [m["step"] for m in first] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in first)
     ck = torch.load(tmp_path / "a" / "last.pt", weights_only=True, map_location="cpu")

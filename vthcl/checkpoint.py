@@ -8,8 +8,8 @@ values (dicts, lists, tuples, numbers, strings, None) only. What
 tensors and plain values (:func:`rng_state`), not as the NumPy objects
 ``np.random.get_state()`` returns. A file that needs more is refused with
 an error that names it and what it holds; ``trust=True`` (the CLIs'
-``--trust-checkpoint``) is the only way past, for checkpoints written before
-2026-12-01 (they hold NumPy RNG state) or from a source you trust.
+``--trust-checkpoint``) is the only way past, for a checkpoint that stores
+NumPy's RNG state as NumPy objects or one from a source you trust.
 """
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from loaders.system import atomic
+from vthcl.options import OPTIONS, UsageError
 
-TRUST_FLAG = "--trust-checkpoint"
+TRUST_FLAG = OPTIONS["trust_checkpoint"].flag
 
 
-class CheckpointRefused(Exception):
+class CheckpointRefused(UsageError):
     """A checkpoint that would need full unpickling (it may run code)."""
 
 
@@ -49,25 +50,10 @@ def load(path: str | os.PathLike, map_location="cpu", trust: bool = False):
         if not trust:
             raise CheckpointRefused(
                 f"{path}: refused: it holds more than tensors and plain values ({_what(e)}), and unpickling it "
-                f"can run any code it carries. If you trust where it came from (a checkpoint vthcl.train wrote "
-                f"before 2026-12-01 holds NumPy RNG state), pass {TRUST_FLAG}.") from None
+                f"can run any code it carries. If you trust where it came from (a last.pt that stores NumPy's RNG "
+                f"state as NumPy objects, for one), pass {TRUST_FLAG}.") from None
         warnings.warn(f"{path}: unpickled in full ({TRUST_FLAG}): {_what(e)}", RuntimeWarning)
         return torch.load(path, map_location=map_location, weights_only=False)
-
-
-def add_trust_flag(parser) -> None:
-    """The CLIs' opt-in to full unpickling (``args.trust_checkpoint``)."""
-    parser.add_argument(TRUST_FLAG, dest="trust_checkpoint", action="store_true", default=None,
-                        help="load a checkpoint that needs full unpickling (one written before 2026-12-01): it "
-                             "can run any code it carries, so only for files you trust")
-
-
-def or_exit(prog: str, load_fn, *args, **kwargs):
-    """``load_fn(*args, **kwargs)``, a refused checkpoint turned into the CLI's error exit."""
-    try:
-        return load_fn(*args, **kwargs)
-    except CheckpointRefused as e:
-        raise SystemExit(f"{prog}: error: {e}") from None
 
 
 def save(obj, path: Path) -> None:
@@ -94,7 +80,7 @@ def set_rng_state(state: dict) -> None:
     if isinstance(n, dict):
         np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                              n["cached_gaussian"]))
-    else:  # a checkpoint from before 2026-12-01 (loaded with trust): NumPy's own tuple
+    else:  # NumPy's own state tuple (a checkpoint loaded with trust)
         np.random.set_state(n)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

@@ -3,14 +3,15 @@ linear probe and kNN against random initialisation -> a report.
 
     python -m vthcl.demo [--out runs/demo] [--seed 0] [--quick] [--alpha 1|2|4] [--levels 1|2|3] [--ablation]
 
-Runs on a 2-core CPU in about 6.5 minutes (``--quick``: about 30 s), with no
-download. Writes ``OUT/report.md`` (results table, loss curve, ICM maps),
-``OUT/results.json`` (accuracies in percent) and prints the table.
+Runs on a CPU in minutes, with no download. Writes ``OUT/report.md``
+(results table, loss curve, ICM maps), ``OUT/results.json`` (accuracies in
+percent) and prints the table. What the committed runs showed:
+``docs/results.md``.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -18,45 +19,39 @@ from pathlib import Path
 
 import torch
 
+from vthcl import options
+
+log = logging.getLogger(__name__)
+
+CLI = options.command("vthcl.demo", __doc__, ["out", "seed", "quick", "alpha", "levels", "ablation", "paper",
+                                              "preset", "fresh"], recipe={"out": "runs/demo"})
+
 PRESETS = {
-    # videos, pretraining epochs; the model is a small R18 (stem width 16), 56-pixel crops
-    # 120 epochs: ~5.5-6.5 min on 2 cores; the actor turned from the colder to the hotter region of the maps
-    # between 60 and 90 epochs (docs/demo, docs/results.md); 60 epochs left it colder
+    # videos, pretraining epochs; the model is a small R18 (stem width 16), 56-pixel crops. The default is as
+    # long as a demo can take on a 2-core CPU and long enough for the maps to turn (docs/results.md)
     "default": {"videos": 240, "epochs": 120},
     "quick": {"videos": 96, "epochs": 6},
     # where the learning signal must show: longer runs, 3 seeds, alpha=2 vs alpha=1 vs random init, with
-    # residual-frame input (a lever; the paper's RGB stays vthcl.train's default). The other lever, the positive
-    # from the other clip (--positive batch), collapsed here: the loss rose to ln(N+1) per term within 600 steps.
+    # residual-frame input (a lever; the paper's RGB stays vthcl.train's default) and the positive from the
+    # bank (the other lever, --positive batch, is experimental: docs/results.md)
     "signal": {"videos": 480, "epochs": 40, "input": "residual", "positive": "bank", "seeds": 3},
     # the same, plus the augmentation levers against static shortcuts: colour jitter drawn independently for
     # the two clips and a crop of its own for each (instance matching can no longer lean on colour or layout)
     "signal-aug": {"videos": 480, "epochs": 40, "input": "residual", "positive": "bank", "seeds": 3,
                    "color_jitter": 0.4, "independent_crops": True},
-    # the longer-schedule lever: the signal preset with 3x the epochs (~2 h on 2 CPU cores, minutes on a GPU)
+    # the longer-schedule lever: the signal preset with 3x the epochs
     "signal-long": {"videos": 480, "epochs": 120, "input": "residual", "positive": "bank", "seeds": 3},
 }
-
-
-def log(msg: str) -> None:
-    print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
 def pretrain(data: Path, out: Path, seed: int, alpha: int, levels: int, epochs: int, batch: int = 16,
              input: str = "rgb", positive: str = "bank", color_jitter: float = 0.0,
              independent_crops: bool = False) -> Path:
-    from vthcl.train import main as train_main
-    args = ["--input", input, "--positive", positive,
-            "--data", str(data / "manifest.json"), "--backend", "pyav", "--arch", "r18", "--width", "16",
-            "--crop-size", "56", "--batch-size", str(batch), "--epochs", str(epochs), "--alpha", str(alpha),
-            "--tau", "8", "--levels", str(levels), "--num-negatives", "4096", "--lr", "0.03", "--seed", str(seed),
-            "--out", str(out), "--num-workers", "2", "--no-progress", "--ckpt-every", "100000", "--log-every", "1"]
-    if color_jitter:
-        args += ["--color-jitter", str(color_jitter)]
-    if independent_crops:
-        args.append("--independent-crops")
-    if (out / "last.pt").exists():
-        args.append("--resume")
-    train_main(args)
+    from vthcl.train import train
+    train(input=input, positive=positive, data=data / "manifest.json", backend="pyav", arch="r18", width=16,
+          crop_size=56, batch_size=batch, epochs=epochs, alpha=alpha, tau=8, levels=levels, num_negatives=4096,
+          lr=0.03, seed=seed, out=out, workers=2, quiet=True, ckpt_every=100000, log_every=1,
+          color_jitter=color_jitter, independent_crops=independent_crops, resume=(out / "last.pt").exists())
     return out / "last.pt"
 
 
@@ -95,7 +90,7 @@ def icm_maps(checkpoint: Path, data: Path, out: Path, seed: int, per_class: int,
     actor_auc on ``per_class`` fresh synthetic videos per class, pretrained
     and random init."""
     from vthcl.icm_maps import load_model, score_checkpoint, write_icm_pngs
-    log(f"Instance Correspondence Maps of {checkpoint}: scoring {per_class * 8} clips")
+    log.info(f"Instance Correspondence Maps of {checkpoint}: scoring {per_class * 8} clips")
     model, cfg = load_model(str(checkpoint))
     video = sorted((data / "videos").rglob("*.mp4"))[0]
     pngs = write_icm_pngs(model, cfg, str(video), out, name="icm") if draw else []
@@ -152,10 +147,8 @@ def icm_verdict(auc: dict, epochs: int) -> str:
     return (f"In this run's Instance Correspondence Maps, after {epochs} epochs, the moving actor is {where}: "
             f"actor_auc {pre:.2f} over the maps"
             + (f" ({res5:.2f} on the slow encoder's res5 map)" if res5 is not None else "")
-            + f", random init {rnd:.2f}, 0.5 meaning no preference. How far to trust that: one seed; on this "
-            "data the actor was the colder region after 60 epochs and the hotter one after 90 to 180 (one "
-            "seed, docs/results.md), and on the signal preset's data colder after 40 epochs and hotter after "
-            "120 in each of 3 seeds (`docs/icm/` in the repository).")
+            + f", random init {rnd:.2f}, 0.5 meaning no preference. How far to trust that: one seed; how the "
+            "maps change over longer pretraining and across seeds: docs/results.md in the repository.")
 
 
 def signal_goals(results: dict) -> dict[str, bool]:
@@ -187,7 +180,7 @@ def run_signal(out: Path, seed: int = 0, levels: int = 3, preset: str = "signal"
     levers = {k: p[k] for k in ("color_jitter", "independent_crops") if k in p}
     data = out / "data"
     if not (data / "val" / "manifest.json").exists():
-        log(f"making {p['videos']} synthetic videos (8 classes) and their shards")
+        log.info(f"making {p['videos']} synthetic videos (8 classes) and their shards")
         make(data, p["videos"], 8, seed=seed)
     train, val = data / "train", data / "val"
     runs = [("pretrained", 2, levels), ("alpha1", 1, levels)] + ([("levels1", 2, 1)] if levels > 1 else [])
@@ -196,7 +189,7 @@ def run_signal(out: Path, seed: int = 0, levels: int = 3, preset: str = "signal"
     for s in range(seed, seed + p["seeds"]):
         row = {}
         for name, alpha, d in runs:
-            log(f"seed {s}: pretraining alpha={alpha}, {d} level(s) ({p['epochs']} epochs, {p['input']} input, "
+            log.info(f"seed {s}: pretraining alpha={alpha}, {d} level(s) ({p['epochs']} epochs, {p['input']} input, "
                 f"positive from the {p['positive']})")
             run_dir = out / (f"seed{s}_alpha{alpha}" + ("" if d == levels else f"_levels{d}"))
             ck = pretrain(train, run_dir, s, alpha, d, p["epochs"], input=p["input"], positive=p["positive"],
@@ -208,7 +201,7 @@ def run_signal(out: Path, seed: int = 0, levels: int = 3, preset: str = "signal"
     results = {"chance": 100.0 / 8, "seeds": seeds}
     for metric in ("linear", "knn"):
         results[metric] = {name: sum(r[name][metric] for r in seeds.values()) / len(seeds) for name in names}
-    log("Instance Correspondence Maps of each seed's alpha=2 run")
+    log.info("Instance Correspondence Maps of each seed's alpha=2 run")
     icm_score, icm_pngs = {}, []
     for s in seeds:
         video, pngs, score = icm_maps(out / f"seed{s}_alpha2" / "last.pt", data, out, int(s), per_class=4,
@@ -247,26 +240,27 @@ def run_signal(out: Path, seed: int = 0, levels: int = 3, preset: str = "signal"
     return results
 
 
-def run(out: Path, seed: int = 0, quick: bool = False, alpha: int = 2, levels: int = 3,
-        ablation: bool = False, input: str = "residual", positive: str = "bank") -> dict:
+def run_default(out: Path, seed: int = 0, quick: bool = False, alpha: int = 2, levels: int = 3,
+                ablation: bool = False, input: str = "residual", positive: str = "bank") -> dict:
+    """The default demo (``quick``: the small one) into ``out``; its results."""
     from shard_tools.make_synthetic import make
     t0 = time.time()
     preset = PRESETS["quick" if quick else "default"]
     torch.manual_seed(seed)
     data = out / "data"
     if not (data / "val" / "manifest.json").exists():
-        log(f"making {preset['videos']} synthetic videos (8 classes) and their shards")
+        log.info(f"making {preset['videos']} synthetic videos (8 classes) and their shards")
         make(data, preset["videos"], 8, seed=seed)
     train, val = data / "train", data / "val"
     timing = {"data_s": round(time.time() - t0, 1)}
 
-    log(f"pretraining VTHCL R18 (width 16), alpha={alpha}, levels={levels}, {preset['epochs']} epochs, "
+    log.info(f"pretraining VTHCL R18 (width 16), alpha={alpha}, levels={levels}, {preset['epochs']} epochs, "
         f"{input} input, positive from the {positive}")
     t = time.time()
     ck = pretrain(train, out / "pretrain", seed, alpha, levels, preset["epochs"], input=input, positive=positive)
     timing["pretrain_s"] = round(time.time() - t, 1)
 
-    log("linear probe and kNN: pretrained vs random init, clips and single frames")
+    log.info("linear probe and kNN: pretrained vs random init, clips and single frames")
     t = time.time()
     res = {name: probe(ck, train, val, random_init, seed, single)
            for name, random_init, single in [("pretrained", False, False), ("random", True, False),
@@ -285,7 +279,7 @@ def run(out: Path, seed: int = 0, quick: bool = False, alpha: int = 2, levels: i
     if ablation:
         results["ablation"] = {}
         for a, d in [(1, 3), (2, 3), (4, 3), (2, 1), (2, 2)]:
-            log(f"ablation: alpha={a}, levels={d}")
+            log.info(f"ablation: alpha={a}, levels={d}")
             ab_ck = pretrain(train, out / f"ablation_a{a}_d{d}", seed, a, d, max(2, preset["epochs"] // 2),
                              input=input, positive=positive)
             results["ablation"][f"alpha{a}_levels{d}"] = probe(ab_ck, train, val, False, seed)
@@ -353,32 +347,22 @@ def report(out: Path, results: dict, video: Path, icm_pngs: list) -> str:
     return table
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vthcl.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a smaller run for tests (about 30 s on 2 cores)")
-    p.add_argument("--alpha", type=int, choices=[1, 2, 4], default=2)
-    p.add_argument("--levels", type=int, choices=[1, 2, 3], default=3)
-    p.add_argument("--ablation", action="store_true", help="add a table over alpha and levels (longer)")
-    p.add_argument("--paper", action="store_true",
-                   help="the paper's RGB input instead of the demo's residual-frame input")
-    p.add_argument("--preset", choices=["default", "signal", "signal-aug", "signal-long"], default="default",
-                   help="signal: 3 seeds of longer pretraining, alpha=2 vs alpha=1 vs random (about an hour on 2 "
-                        "cores); signal-aug: the same with independent colour jitter and crops for the two clips; "
-                        "signal-long: the signal preset with 120 epochs (about 2 hours on 2 cores)")
-    p.add_argument("--fresh", action="store_true", help="delete OUT first")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    if args.fresh and out.exists():
+def run(cfg: options.Config | None = None, /, **values) -> dict:
+    """The demo with ``cfg`` (``options.resolve("vthcl.demo", ...)``, or the
+    options as keywords): the default run or a signal preset; its results."""
+    cfg = options.take("vthcl.demo", cfg, values)
+    out = Path(cfg.out)
+    if cfg.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.preset.startswith("signal"):
-        run_signal(out, args.seed, args.levels, args.preset)
-    else:
-        levers = {"input": "rgb"} if args.paper else {}
-        run(out, args.seed, args.quick, args.alpha, args.levels, args.ablation, **levers)
-    return 0
+    if cfg.preset.startswith("signal"):
+        return run_signal(out, cfg.seed, cfg.levels, cfg.preset)
+    levers = {"input": "rgb"} if cfg.paper else {}
+    return run_default(out, cfg.seed, cfg.quick, cfg.alpha, cfg.levels, cfg.ablation, **levers)
+
+
+def main(argv=None) -> int:
+    return options.cli("vthcl.demo", run, argv)
 
 
 if __name__ == "__main__":

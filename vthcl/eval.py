@@ -1,7 +1,7 @@
 """Evaluate a pretrained slow encoder.
 
     python -m vthcl.eval linear|knn|retrieval|finetune --checkpoint CK --train SHARDS --val SHARDS --out DIR
-        [--random-init] [--single-frame] [--epochs 100 --batch-size 64 --lr 0.1 --num-clips 10]
+        [--random-init] [--single-frame] [--epochs N --batch-size N --lr LR --num-clips N]
         [--config configs/ucf101_finetune.yaml]
 
 * ``linear``: a linear classifier on frozen, globally pooled res5 features of
@@ -10,8 +10,9 @@
 * ``retrieval``: val clips query the train clips; recall@1/5/10/20 = a clip of
   the same class among the top k (the video-pace protocol).
 * ``finetune``: the slow encoder + a linear layer trained end to end with the
-  paper's recipe (100 epochs, batch 64, lr 0.1 divided by 10 at 40% and 80%),
-  tested with ``--num-clips`` uniform clips averaged per video.
+  paper's recipe (its epochs, batch and lr are this command's defaults; the lr
+  is divided by 10 at 40% and 80% of the epochs), tested with ``--num-clips``
+  uniform clips averaged per video.
 
 ``--random-init`` evaluates the same architecture untrained (the baseline);
 ``--single-frame`` feeds the centre frame repeated (no motion: an appearance-
@@ -20,18 +21,45 @@ go to ``DIR/<mode>.json`` (accuracies in percent).
 """
 from __future__ import annotations
 
-import argparse
+import importlib
 import json
+import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from vthcl import checkpoint as ckpt
-from vthcl import weights
-from vthcl.config import yaml_options
+from vthcl import options, weights
 from vthcl.model import Pathway, slow_encoder_features
+from vthcl.options import UsageError
+
+log = logging.getLogger(__name__)
+
+CLI = options.command("vthcl.eval", __doc__)
+# what the protocols below take, and the paper's fine-tuning recipe as this command's defaults
+PROTOCOL = ("checkpoint", "train", "val", "out", "random_init", "single_frame", "arch", "width", "crop_size",
+            "epochs", "batch_size", "lr", "num_clips", "workers", "seed", "trust_checkpoint")
+RECIPE = {"epochs": 100, "batch_size": 64, "lr": 0.1, "out": "runs/eval"}
+# A mode is a function of a resolved config, registered with @mode together with the options it takes. A mode
+# of another module (detection, anticipation) declares its own section of options, registers itself the same way
+# and is listed in MODE_MODULES, which this module imports.
+MODES: dict[str, Callable[[options.Config], dict]] = {}
+MODE_MODULES: tuple[str, ...] = ()
+
+
+def mode(name: str, description: str, takes=PROTOCOL, recipe=RECIPE, required=("train", "val")):
+    """Register the evaluation mode ``name``: ``vthcl.eval NAME``, with the
+    options ``takes`` (names or sections of vthcl.options), and the decorated
+    function, ``fn(cfg) -> dict``, whose result :func:`run` writes to
+    ``OUT/<name>.json``."""
+    def register(fn):
+        options.mode("vthcl.eval", name, description, takes, recipe=recipe, required=required)
+        MODES[name] = fn
+        return fn
+    return register
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -45,8 +73,8 @@ def load_encoder(checkpoint: str | None, random_init: bool = False, arch: str | 
     vthcl.weights.load_encoder_init)."""
     if weights.init_scheme(checkpoint):
         return weights.load_encoder_init(checkpoint, arch, width, seed, trust, random_init=random_init)
-    cfg = {"arch": arch or "r18", "width": width or 64, "tau": 8, "alpha": 2, "slow_frames": 8, "crop_size": 224,
-           "input": "rgb"}
+    cfg = {k: options.OPTIONS[k].get_default() for k in ("arch", "width", "tau", "alpha", "slow_frames", "crop_size",
+                                                         "input")}
     state = None
     if checkpoint:
         path = Path(checkpoint)
@@ -70,7 +98,7 @@ def load_encoder(checkpoint: str | None, random_init: bool = False, arch: str | 
     return encoder.eval(), cfg
 
 
-def clip_loader(shards, cfg: dict, train: bool, batch_size: int, num_clips: int = 1, num_workers: int = 0,
+def clip_loader(shards, cfg: dict, train: bool, batch_size: int, num_clips: int = 1, num_workers: int | None = 0,
                 seed: int = 0):
     from loaders import build_loader
     return build_loader(shards, backend="pyav", batch_size=batch_size, tau=cfg["tau"], alpha=cfg["alpha"],
@@ -86,7 +114,7 @@ def single_frame(clip: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract(encoder: Pathway, shards, cfg: dict, single: bool = False, batch_size: int = 16,
-            num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            num_workers: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled res5 features of the centre clip of every video (manifest order)."""
     feats, labels, order = [], [], []
     for b in clip_loader(shards, cfg, False, batch_size, num_workers=num_workers):
@@ -139,8 +167,9 @@ def retrieval(xtr, ytr, xva, yva, ks=(1, 5, 10, 20)) -> dict:
     return {f"recall@{k}": 100.0 * float(hits[:, :min(k, hits.shape[1])].any(1).float().mean()) for k in ks}
 
 
-def finetune(encoder: Pathway, cfg: dict, train, val, epochs: int = 100, batch_size: int = 64, lr: float = 0.1,
-             num_clips: int = 10, num_workers: int = 0, seed: int = 0, log=None) -> dict:
+def finetune(encoder: Pathway, cfg: dict, train, val, epochs: int = RECIPE["epochs"],
+             batch_size: int = RECIPE["batch_size"], lr: float = RECIPE["lr"], num_clips: int = 10,
+             num_workers: int | None = 0, seed: int = 0, log=None) -> dict:
     """The paper's fine-tuning recipe (SGD, lr/10 at 40% and 80% of the epochs), multi-clip test."""
     from loaders import resolve_shards
     classes = len(resolve_shards(train).manifest.get("classes") or []) or None
@@ -182,7 +211,7 @@ def evaluate(mode: str, encoder, cfg, train, val, single: bool = False, **option
     xtr, ytr = extract(encoder, train, cfg, single, num_workers=workers)
     xva, yva = extract(encoder, val, cfg, single, num_workers=workers)
     if (ytr < 0).any() or (yva < 0).any():
-        raise SystemExit("vthcl.eval: the shards hold unlabeled videos (label -1): evaluation needs labels")
+        raise UsageError("the shards hold unlabeled videos (label -1): evaluation needs labels")
     if mode == "linear":
         return {"top1": linear_probe(xtr, ytr, xva, yva), "train_videos": len(xtr), "val_videos": len(xva)}
     if mode == "knn":
@@ -190,57 +219,55 @@ def evaluate(mode: str, encoder, cfg, train, val, single: bool = False, **option
     return retrieval(xtr, ytr, xva, yva)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The command line over the --config YAML (knobs: epochs, batch size, lr,
-    clips, crop, ...; the data, output and checkpoint stay on the command line)."""
-    p = argparse.ArgumentParser(prog="vthcl.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["linear", "knn", "retrieval", "finetune"])
-    p.add_argument("--config", help="YAML file of options, e.g. configs/ucf101_finetune.yaml (the command line wins)")
-    p.add_argument("--checkpoint", help="last.pt or slow_encoder.pt of vthcl.train")
-    p.add_argument("--train", required=True)
-    p.add_argument("--val", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--random-init", action="store_true")
-    p.add_argument("--single-frame", action="store_true", help="appearance-only control: the centre frame repeated")
-    p.add_argument("--arch", choices=["r18", "r50"])
-    p.add_argument("--width", type=int)
-    p.add_argument("--crop-size", type=int, help="default: the pretraining crop size")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--num-clips", type=int, default=10)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    ckpt.add_trust_flag(p)
-    known, _ = p.parse_known_args(argv)
-    if known.config:  # the file's values become the defaults: what the command line gives still wins
-        knobs = {a.dest for a in p._actions} - {"help", "config", "mode", "checkpoint", "train", "val", "out"}
-        p.set_defaults(**yaml_options(known.config, knobs, "vthcl.eval"))
-    args = p.parse_args(argv)
-    if not args.checkpoint and not args.random_init:
-        p.error("give --checkpoint, or --random-init for the untrained baseline")
-    return args
+@mode("finetune", "the slow encoder + a linear layer trained end to end (the paper's recipe)")
+@mode("retrieval", "recall@1/5/10/20 of val clips against train clips")
+@mode("knn", "cosine k-nearest neighbours (k=20) on the same features")
+@mode("linear", "a linear probe on frozen, pooled res5 features of the centre clip")
+def protocol(cfg: options.Config) -> dict:
+    """The encoder of ``cfg.checkpoint`` (or an untrained one) evaluated by ``cfg.mode``."""
+    if not cfg.checkpoint and not cfg.random_init:
+        raise UsageError("give --checkpoint, or --random-init for the untrained baseline")
+
+    def given(name):  # the checkpoint's own architecture and crop, unless the user gave them
+        return getattr(cfg, name) if name in cfg.given else None
+    encoder, enc = load_encoder(cfg.checkpoint, cfg.random_init, given("arch"), given("width"), cfg.seed,
+                                cfg.trust_checkpoint)
+    if given("crop_size"):
+        enc["crop_size"] = cfg.crop_size
+    extra = {"num_workers": cfg.workers}
+    if cfg.mode == "finetune":
+        extra.update(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, num_clips=cfg.num_clips,
+                     seed=cfg.seed, log=log.info)
+    result = evaluate(cfg.mode, encoder, enc, cfg.train, cfg.val, cfg.single_frame, **extra)
+    result.update({"checkpoint": cfg.checkpoint, "random_init": cfg.random_init, "single_frame": cfg.single_frame,
+                   "arch": enc["arch"], "width": enc["width"]})
+    return result
+
+
+for _module in MODE_MODULES:
+    importlib.import_module(_module)
+
+
+def run(cfg: options.Config | None = None, /, **values) -> dict:
+    """Evaluate with ``cfg`` (``options.resolve("vthcl.eval", mode="knn", ...)``,
+    or the options as keywords): the mode's result, also written to
+    ``OUT/<mode>[_random][_single_frame].json``."""
+    cfg = options.take("vthcl.eval", cfg, values)
+    result = {"mode": cfg.mode, **MODES[cfg.mode](cfg)}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = cfg.mode + ("_random" if getattr(cfg, "random_init", False) else "") + (
+        "_single_frame" if getattr(cfg, "single_frame", False) else "")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _job(cfg: options.Config) -> None:
+    print(json.dumps(run(cfg)))
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    encoder, cfg = ckpt.or_exit("vthcl.eval", load_encoder, args.checkpoint, args.random_init, args.arch,
-                                args.width, args.seed, bool(args.trust_checkpoint))
-    if args.crop_size:
-        cfg["crop_size"] = args.crop_size
-    options = {"num_workers": args.num_workers}
-    if args.mode == "finetune":
-        options.update(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, num_clips=args.num_clips,
-                       seed=args.seed, log=lambda m: print(m, file=sys.stderr))
-    result = evaluate(args.mode, encoder, cfg, args.train, args.val, args.single_frame, **options)
-    result.update({"mode": args.mode, "checkpoint": args.checkpoint, "random_init": args.random_init,
-                   "single_frame": args.single_frame, "arch": cfg["arch"], "width": cfg["width"]})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = args.mode + ("_random" if args.random_init else "") + ("_single_frame" if args.single_frame else "")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
-    return 0
+    return options.cli("vthcl.eval", _job, argv)
 
 
 if __name__ == "__main__":

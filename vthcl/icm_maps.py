@@ -10,7 +10,6 @@ for the checkpoint and for a random initialisation, in ``OUT/icm_score.json``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,8 +18,12 @@ import numpy as np
 import torch
 
 from vthcl import checkpoint as ckpt
+from vthcl import options
 from vthcl.icm import icm, score_maps
 from vthcl.model import VTHCL
+
+CLI = options.command("vthcl.icm_maps", __doc__, ["checkpoint", options.ICM, "out", "seed", "trust_checkpoint"],
+                      recipe={"out": "runs/icm"}, required=("checkpoint",))
 
 
 def score_checkpoint(model: VTHCL, cfg: dict, per_class: int, seed: int = 0, classes: int = 8) -> dict:
@@ -135,32 +138,36 @@ def write_icm_pngs(model: VTHCL, cfg: dict, video: str, out: Path, name: str = "
     return paths
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vthcl.icm_maps", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="last.pt written by vthcl.train")
-    p.add_argument("--video", help="draw the maps of this video's centre clip (one PNG per level)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--score", type=int, default=0, metavar="K",
-                   help="score the maps on K synthetic videos per class (8 classes) against the actor's position: "
-                        "OUT/icm_score.json with actor_auc per level and pathway, for the checkpoint and for a "
-                        "random initialisation (seed --seed)")
-    p.add_argument("--seed", type=int, default=0)
-    ckpt.add_trust_flag(p)
-    args = p.parse_args(argv)
-    if not args.video and not args.score:
-        p.error("give --video, --score or both")
-    model, cfg = ckpt.or_exit("vthcl.icm_maps", load_model, args.checkpoint, trust=bool(args.trust_checkpoint))
-    out = Path(args.out)
-    if args.video:
-        for path in write_icm_pngs(model, cfg, args.video, out):
-            print(path)
-    if args.score:
-        result = score_checkpoint(model, cfg, args.score, args.seed)
-        result["checkpoint"] = args.checkpoint
+def run(cfg: options.Config | None = None, /, **values) -> dict:
+    """Draw (``cfg.video``) and score (``cfg.score``) the maps of
+    ``cfg.checkpoint`` into ``cfg.out``: ``{"pngs": [...], "score": {...}}``."""
+    cfg = options.take("vthcl.icm_maps", cfg, values)
+    if not cfg.video and not cfg.score:
+        raise options.UsageError("give --video, --score or both")
+    model, mcfg = load_model(cfg.checkpoint, trust=cfg.trust_checkpoint)
+    out = Path(cfg.out)
+    done: dict = {"pngs": [], "score": None}
+    if cfg.video:
+        done["pngs"] = write_icm_pngs(model, mcfg, cfg.video, out)
+    if cfg.score:
+        result = score_checkpoint(model, mcfg, cfg.score, cfg.seed)
+        result["checkpoint"] = cfg.checkpoint
         out.mkdir(parents=True, exist_ok=True)
         (out / "icm_score.json").write_text(json.dumps(result, indent=1))
-        print(json.dumps(result, indent=1))
-    return 0
+        done["score"] = result
+    return done
+
+
+def _job(cfg: options.Config) -> None:
+    done = run(cfg)
+    for path in done["pngs"]:
+        print(path)
+    if done["score"] is not None:
+        print(json.dumps(done["score"], indent=1))
+
+
+def main(argv=None) -> int:
+    return options.cli("vthcl.icm_maps", _job, argv)
 
 
 if __name__ == "__main__":

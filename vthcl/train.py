@@ -2,9 +2,9 @@
 
 Also under ``torchrun --nproc_per_node=K -m vthcl.train ...`` (NCCL on GPUs,
 gloo on CPUs). ``--batch-size`` is the global batch, split across ranks.
-Defaults are the paper's: SGD lr 0.03 for a global batch of 256 (scaled
-linearly), momentum 0.9, weight decay 1e-4, half-cosine schedule, 200 epochs,
-α=2, τ=8, 3 levels, T=0.07, 16384 negatives, bank momentum 0.5.
+Defaults are the paper's recipe (SGD with a half-cosine schedule; ``--help``
+and ``--print-config`` list every value); ``--config`` reads one from a file
+(``configs/``), and the command line wins.
 
 Writes ``DIR/metrics.jsonl`` (a JSON line per logged step), TensorBoard logs,
 ``DIR/last.pt`` (everything needed to resume exactly) and
@@ -12,8 +12,9 @@ Writes ``DIR/metrics.jsonl`` (a JSON line per logged step), TensorBoard logs,
 """
 from __future__ import annotations
 
-import argparse
+import copy
 import json
+import logging
 import os
 import random
 import sys
@@ -25,81 +26,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from loaders import BACKENDS
 from vthcl import checkpoint as ckpt
-from vthcl.config import yaml_options
+from vthcl import options
 from vthcl.memory import MemoryBank, ShardedMemoryBank
 from vthcl.model import VTHCL
+from vthcl.options import JobError, UsageError
 
-DEFAULTS = dict(data=None, backend="pyav", arch="r18", out="runs/pretrain", max_steps=None, epochs=200,
-                batch_size=256, crop_size=224, num_negatives=16384, levels=3, alpha=2, tau=8, slow_frames=8,
-                width=64, seed=0, device=None, resume=False, lr=None, base_lr=0.03, momentum=0.9,
-                weight_decay=1e-4, temperature=0.07, bank_momentum=0.5, level_weights=None, bank_dtype="fp32",
-                shard_banks=False, positive="bank", input="rgb", precision=None, channels_last=None, compile=False,
-                num_workers=None, log_every=1, ckpt_every=500, max_nonfinite=5, num_videos=None,
-                independent_crops=False, color_jitter=0.0, tensorboard=True, progress=True, trust_checkpoint=False)
+log = logging.getLogger(__name__)
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vthcl.train", description=__doc__.split("\n\n")[0])
-    a = p.add_argument
-    a("--config", help="YAML file of options (the command line wins)")
-    a("--data", help="shards: manifest.json, folder, brace pattern (a .beton for --backend ffcv)")
-    a("--backend", choices=BACKENDS)
-    a("--arch", choices=["r18", "r50"])
-    a("--out")
-    a("--max-steps", type=int, help="stop after this many steps (the schedule still spans --epochs)")
-    a("--epochs", type=int)
-    a("--batch-size", type=int, help="global batch size (all ranks together)")
-    a("--crop-size", type=int)
-    a("--num-negatives", type=int)
-    a("--levels", type=int, choices=[1, 2, 3])
-    a("--alpha", type=int)
-    a("--tau", type=int)
-    a("--slow-frames", type=int)
-    a("--width", type=int, help="stem channels (64 = the paper's R18/R50)")
-    a("--seed", type=int)
-    a("--device", choices=["cpu", "cuda"])
-    a("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
-    ckpt.add_trust_flag(p)
-    a("--lr", type=float, help="learning rate (default: 0.03 x batch/256)")
-    a("--momentum", type=float)
-    a("--weight-decay", type=float)
-    a("--temperature", type=float)
-    a("--bank-momentum", type=float)
-    a("--level-weights", type=float, nargs="+", help="λ^k per level, res3 first (default: 1 each)")
-    a("--bank-dtype", choices=["fp32", "bf16"])
-    a("--shard-banks", action="store_true", default=None, help="each rank keeps n/world_size bank rows")
-    a("--positive", choices=["bank", "batch"],
-      help="positive from the other pathway's bank (the paper; the default) or, EXPERIMENTAL, the other clip's "
-           "current feature: it collapsed in every run on the demo data (docs/demo-signal-positive-batch)")
-    a("--input", choices=["rgb", "residual"], help="RGB frames (paper) or residual frames (x[t] - x[t-1])")
-    a("--precision", choices=["fp32", "bf16", "fp16"], help="autocast (default: bf16 on GPU, fp32 on CPU)")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    a("--compile", action="store_true", default=None)
-    a("--num-workers", type=int, help="loader workers per rank")
-    a("--num-videos", type=int, help="synthetic backend without --data")
-    a("--independent-crops", action="store_true", default=None, help="a crop of its own for the slow clip")
-    a("--color-jitter", type=float, metavar="S",
-      help="colour jitter drawn independently for the two clips: brightness, contrast and saturation factors "
-           "in [1-S, 1+S], grayscale with p=0.2, one draw per clip (default 0: off, the loaders' spatial "
-           "augmentation only)")
-    a("--log-every", type=int)
-    a("--ckpt-every", type=int)
-    a("--max-nonfinite", type=int, help="stop after this many non-finite losses in a row")
-    a("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
-    a("--no-progress", dest="progress", action="store_false", default=None)
-    return p
-
-
-def parse_config(argv=None) -> argparse.Namespace:
-    """DEFAULTS, then the --config YAML (``configs/``), then the command line."""
-    args = build_parser().parse_args(argv)
-    cfg = dict(DEFAULTS)
-    if args.config:
-        cfg.update(yaml_options(args.config, cfg, "vthcl.train"))
-    cfg.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
-    return argparse.Namespace(**cfg)
+CLI = options.command(
+    "vthcl.train", __doc__,
+    ["data", "backend", "num_videos", options.MODEL, options.CLIP, options.METHOD, options.OPTIM,
+     "seed", "device", "workers", "out", "resume", "log_every", "ckpt_every", "tensorboard", "trust_checkpoint"],
+    recipe={"out": "runs/pretrain"})
 
 
 # ---------------------------------------------------------------------------- setup
@@ -129,13 +68,13 @@ def make_loader(cfg, rank: int, world: int, device):
     from loaders import build_loader
     per_rank = cfg.batch_size // world
     if per_rank < 1 or cfg.batch_size % world:
-        raise SystemExit(f"vthcl.train: --batch-size {cfg.batch_size} must be a multiple of the {world} ranks")
+        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks")
     extra = {"independent_crops": True} if cfg.independent_crops else {}
     if cfg.backend == "synthetic" and not cfg.data:
-        extra["num_videos"] = cfg.num_videos or 1024
+        extra["num_videos"] = cfg.num_videos
     return build_loader(cfg.data, backend=cfg.backend, batch_size=per_rank, tau=cfg.tau, alpha=cfg.alpha,
                         slow_frames=cfg.slow_frames, crop_size=cfg.crop_size, train=True, normalize=True,
-                        device=str(device), rank=rank, world_size=world, num_workers=cfg.num_workers,
+                        device=str(device), rank=rank, world_size=world, num_workers=cfg.workers,
                         seed=cfg.seed, channels_last=bool(cfg.channels_last), **extra)
 
 
@@ -205,13 +144,13 @@ def build(cfg, rank: int, world: int, device) -> State:
     """The loader, the model, its banks, the optimizer and the schedule (in this
     order: it is the order of their random draws, which a resumed run replays)."""
     if cfg.backend != "synthetic" and not cfg.data:
-        raise SystemExit("vthcl.train: --data SHARDS is required (or --backend synthetic)")
+        raise UsageError("--data SHARDS is required (or --backend synthetic)")
     try:
         loader = make_loader(cfg, rank, world, device)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"vthcl.train: error: {e}") from None
+        raise UsageError(str(e)) from None
     if len(loader) == 0:
-        raise SystemExit(f"vthcl.train: error: no batches in {cfg.data}")
+        raise UsageError(f"no batches in {cfg.data}")
     model = VTHCL(cfg.arch, cfg.width, cfg.levels, input=cfg.input).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -258,13 +197,12 @@ def load_checkpoint(s: State, cfg, out: Path, rank: int, world: int, device) -> 
         return False
     sharded = cfg.shard_banks and world > 1
     try:
-        ck = ckpt.or_exit("vthcl.train", ckpt.load, out / "last.pt", device, trust=cfg.trust_checkpoint)
-        own = ckpt.or_exit("vthcl.train", ckpt.load, out / f"bank_rank{rank}.pt", device,
-                           trust=cfg.trust_checkpoint) if sharded else ck
+        ck = ckpt.load(out / "last.pt", device, trust=cfg.trust_checkpoint)
+        own = ckpt.load(out / f"bank_rank{rank}.pt", device, trust=cfg.trust_checkpoint) if sharded else ck
     except FileNotFoundError as e:
-        raise SystemExit(f"vthcl.train: error: {e}") from None
+        raise UsageError(str(e)) from None
     if sharded and (own.get("world") != world or own.get("step") != ck["step"]):
-        raise SystemExit(f"vthcl.train: error: {out / f'bank_rank{rank}.pt'} holds the bank rows of step "
+        raise UsageError(f"{out / f'bank_rank{rank}.pt'} holds the bank rows of step "
                          f"{own.get('step')} of a {own.get('world')}-rank run, not of step {ck['step']} on "
                          f"{world} ranks: sharded banks resume on the same number of ranks")
     s.model.load_state_dict(ck["model"])
@@ -283,7 +221,8 @@ def load_checkpoint(s: State, cfg, out: Path, rank: int, world: int, device) -> 
 # ---------------------------------------------------------------------------- logging
 class Log:
     """Rank 0's record of a run: ``metrics.jsonl`` (a JSON line per logged
-    step), TensorBoard scalars and a progress bar; nothing on other ranks."""
+    step), TensorBoard scalars, a progress bar (not with ``quiet``) and
+    messages; nothing on other ranks."""
 
     def __init__(self, cfg, out: Path, main_rank: bool, first_step: int, max_steps: int):
         self.main = main_rank
@@ -292,13 +231,13 @@ class Log:
         if main_rank and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(out / "tb"))
-        if main_rank and cfg.progress:
+        if main_rank and not cfg.quiet:
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, initial=first_step, unit="step", dynamic_ncols=True)
 
     def say(self, text: str) -> None:
         if self.main:
-            print(f"vthcl.train: {text}", file=sys.stderr)
+            log.info(text)
 
     def step(self, record: dict | None, loss: torch.Tensor, epoch: int) -> None:
         """One step done; ``record`` (a logged step's figures) goes to the file and TensorBoard.
@@ -321,7 +260,12 @@ class Log:
 
 
 # ---------------------------------------------------------------------------- the loop
-def train(cfg) -> dict:
+def train(cfg: options.Config | None = None, /, **values) -> dict:
+    """Pretrain with ``cfg`` (``options.resolve("vthcl.train", ...)``; or the
+    options as keywords). Returns the last logged step's metrics. Raises
+    UsageError for bad options or data, JobError when the loss stays
+    non-finite."""
+    cfg = copy.copy(options.take("vthcl.train", cfg, values))  # the run fills in device, precision, ...
     rank, world, device = setup_distributed(cfg)
     out = Path(cfg.out)
     if cfg.precision is None:
@@ -337,11 +281,11 @@ def train(cfg) -> dict:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.resume and not load_checkpoint(s, cfg, out, rank, world, device) and rank == 0:
-        print(f"vthcl.train: no checkpoint in {out}, starting afresh", file=sys.stderr)
+        log.info(f"no checkpoint in {out}, starting afresh")
     steps_per_epoch = len(s.loader)
     max_steps = min(cfg.max_steps or cfg.epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
-    log = Log(cfg, out, rank == 0, s.step, max_steps)
-    log.say(f"{s.bank.num_videos} videos, {world} rank(s) x batch {cfg.batch_size // world}, {steps_per_epoch} "
+    run_log = Log(cfg, out, rank == 0, s.step, max_steps)
+    run_log.say(f"{s.bank.num_videos} videos, {world} rank(s) x batch {cfg.batch_size // world}, {steps_per_epoch} "
             f"steps/epoch, {max_steps} steps, lr {s.lr:g}, {cfg.precision}, N={s.bank.num_negatives}")
 
     consecutive_nonfinite, last = 0, {}
@@ -361,8 +305,8 @@ def train(cfg) -> dict:
             consecutive_nonfinite = 0 if finite else consecutive_nonfinite + 1
             s.nonfinite += not finite
             if consecutive_nonfinite >= cfg.max_nonfinite:
-                raise SystemExit(f"vthcl.train: {consecutive_nonfinite} non-finite losses in a row at step "
-                                 f"{s.step}: stopping (lower --lr, or try --precision fp32)")
+                raise JobError(f"{consecutive_nonfinite} non-finite losses in a row at step {s.step}: stopping "
+                               "(lower --lr, or try --precision fp32)")
             now = time.perf_counter()
             dt, t_prev, wait_before = now - t_prev, now, s.loader.stats.wait_s
             record = None
@@ -372,7 +316,7 @@ def train(cfg) -> dict:
                     **{f"loss_{name}": float(v) for name, v in zip(s.model.level_names, per_level.detach())},
                     "lr": s.optimizer.param_groups[0]["lr"], "clips_per_s": batch["slow"].shape[0] * world / dt,
                     "data_wait": min(1.0, wait / dt), "nonfinite": s.nonfinite}
-            log.step(record, loss, s.epoch)
+            run_log.step(record, loss, s.epoch)
             if s.step % cfg.ckpt_every == 0 or s.step >= max_steps:
                 save_checkpoint(s, cfg, out, rank, world)
             if s.step >= max_steps:
@@ -381,18 +325,22 @@ def train(cfg) -> dict:
             s.epoch += 1
             s.loader.set_epoch(s.epoch)
             save_checkpoint(s, cfg, out, rank, world)
-    log.close()
+    run_log.close()
     if dist.is_initialized():
         dist.barrier()
     return last
 
 
+def _job(cfg: options.Config) -> None:
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
-    cfg = parse_config(argv)
-    train(cfg)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    return options.cli("vthcl.train", _job, argv)
 
 
 if __name__ == "__main__":
