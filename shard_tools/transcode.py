@@ -291,17 +291,21 @@ def _decoded_frames(container, stream, whole: bool = True, threaded: bool = True
     """Yield (time_in_seconds, frame) for every decodable frame, in order
     (``whole``: the caller reads the stream to its end, so a stream that
     decodes to far fewer frames than it declares is refused as truncated).
-    ``threaded``: FFmpeg's frame and slice threads; without them the decoder
-    logs from this thread only (PyAV's log capture can deadlock when a frame
-    thread logs an error while it is on: PyAV issues 751 and 909), for
-    decodes that are expected to report errors.
+    ``threaded``: FFmpeg's slice threads, never its frame threads. A frame
+    thread works on after a decode call returns, and one that logs an error
+    while the decoder is being freed (which holds the GIL) waits for the GIL
+    in PyAV's log callback forever: make_shards hung so on corrupt inputs
+    (py-spy: the worker in avcodec_free_context, a frame thread in
+    logging_log_callback; PyAV issues 751 and 909). Slice threads log only
+    inside a decode call, which releases the GIL. Without ``threaded`` the
+    decoder runs on this thread alone.
 
     A decoder that reports an error is not trusted to go on: it conceals the
     damage (the frames come out, wrong), so the video is refused with the
     error, as it is when decoding stops. (Damage a codec cannot see — bytes
     that happen to decode — cannot be told from content by any decoder.)"""
     if threaded:
-        stream.thread_type = "AUTO"
+        stream.thread_type = "SLICE"
     else:
         stream.codec_context.thread_count = 1
     rate = _input_rate(stream)
