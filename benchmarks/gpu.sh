@@ -61,10 +61,10 @@ stage shards 60 $py -c "
 import sys
 from pathlib import Path
 from benchmarks.common import lengthened, replicate
-from shard_tools.make_shards import main
+from shard_tools.make_shards import pack
 src = lengthened(Path('$videos'), Path('$work/kinetics_300'), 300)
 replicate(src[0].parent, Path('$work/src'), 32)
-sys.exit(main(['$work/src', '$work/shards', '--quiet', '--samples-per-shard', '32']))"
+sys.exit(1 if pack('$work/src', '$work/shards', quiet=True, samples_per_shard=32)['failed'] else 0)"
 stage decode 130 $py -m benchmarks.run --suite decode --device cuda --videos "$videos" --shards "$work/shards" --out "$out"
 stage e2e 130 $py -m benchmarks.run --suite e2e --device cuda --shards "$work/shards" --out "$out"
 stage tests 80 env VTHCL_TEST_VIDEOS="$videos" $py -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py

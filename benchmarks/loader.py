@@ -147,15 +147,16 @@ def _rate_dali_decode_only(make, epochs: int, max_seconds: float = float("inf"))
     return clips / (time.perf_counter() - t)
 
 
-def _pack(videos: Path, out: Path, codec: str, copies: int, *extra: str, name: str = "src") -> Path:
-    from shard_tools.make_shards import main as make_shards
+def _pack(videos: Path, out: Path, codec: str, copies: int, name: str = "src", **options) -> Path:
+    """``copies`` of the videos packed with ``codec`` and make_shards ``options`` into a folder named for them."""
+    from shard_tools.make_shards import pack
     src = out / name
     if not src.exists():
         replicate(videos, src, copies)
-    dest = out / "_".join([name, codec, *(e.strip("-") for e in extra)])
-    rc = make_shards([str(src), str(dest), "--quiet", "--codec", codec, "--samples-per-shard", "16", *extra])
-    if rc != 0:
-        raise JobError(f"packing {videos} failed (make_shards exit {rc})")
+    dest = out / "_".join([name, codec, *(f"{k}{v}" for k, v in sorted(options.items()))])
+    made = pack(src, dest, quiet=True, codec=codec, samples_per_shard=16, **options)
+    if made["failed"]:
+        raise JobError(f"packing {videos}: {made['failed']} failed (see {made['failed_path']})")
     return dest
 
 
@@ -281,8 +282,7 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
         configs[name.replace("dali", "dali_decode_only", 1)] = lambda: _rate_dali_decode_only(
             dali(dali_shards), epochs, cap)
         if device == "cuda":  # the same videos without B-frames: DALI copies out-of-order frames one by one
-            configs["dali_mixed_h264_no_bframes"] = dali_rate(str(_pack(videos, tmp, "h264", copies,
-                                                                        "--bframes", "0")))
+            configs["dali_mixed_h264_no_bframes"] = dali_rate(str(_pack(videos, tmp, "h264", copies, bframes=0)))
         # (each stopped after the batch that passes 30 s on a CPU: whole members of long videos decode slowly)
         configs.update(_window_cut_configs(videos, tmp, device, workers, common, epochs, min(cap, 30.0),
                                            max(1, copies // 2)))

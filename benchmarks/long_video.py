@@ -39,6 +39,7 @@ import torch
 from benchmarks.common import lengthened
 from loaders import build_loader
 from loaders.sampling import ClipInfo, ClipSpec, KeyframeClips
+from vthcl.options import JobError
 
 FPS = 30
 ORIGIN = 900  # the video is movie seconds 900.. as AVA's 15-minute cuts are
@@ -62,17 +63,14 @@ def keyframes(seconds: int) -> list[int]:
 
 def pack_events(video: Path, tmp: Path, codec: str, seconds: int, workers: int | None) -> Path:
     """``video`` as an AVA event dataset (one box per keyframe), packed with ``codec``."""
-    from shard_tools.make_shards import main as make_shards
+    from shard_tools.make_shards import pack
     csv = tmp / "ava_long.csv"
     csv.write_text("".join(f"{video.stem},{s:04d},0.25,0.25,0.75,0.75,1,0\n" for s in keyframes(seconds)))
     out = tmp / f"ava_long_{codec}"
-    args = [str(video.parent), str(out), "--quiet", "--layout", "ava", "--annotations", str(csv), "--time-offset",
-            str(ORIGIN), "--codec", codec]
-    if workers:
-        args += ["--workers", str(workers)]
-    rc = make_shards(args + (["--resume"] if out.exists() else []))
-    if rc != 0:
-        raise SystemExit(f"benchmarks decode: packing the long video failed (exit {rc})")
+    made = pack(video.parent, out, quiet=True, layout="ava", annotations=str(csv), time_offset=ORIGIN, codec=codec,
+                workers=workers, resume=out.exists())
+    if made["failed"]:
+        raise JobError(f"packing the long video failed (see {made['failed_path']})")
     return out
 
 

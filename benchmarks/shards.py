@@ -17,7 +17,7 @@ import av
 import av.filter
 
 from benchmarks.common import cores, ratio, repeat_rates, replicate, timed, video_files, write_result
-from shard_tools.make_shards import main as make_shards
+from shard_tools.make_shards import pack as make_shards
 from shard_tools.transcode import ENCODER, MEMBER_EXT, EncodeSettings, encoder_options, output_size
 from vthcl.options import UsageError
 
@@ -86,9 +86,8 @@ def run(videos: Path, out: Path, quick: bool, codec: str = "h264", workers: int 
 
     def ours():
         dest = tmp / f"out{next(runs)}"
-        rc = make_shards([str(src), str(dest), "--quiet", "--workers", str(workers), "--codec", codec,
-                          "--fps", "30", "--short-side", "256", "--gop", "16"])
-        assert rc == 0, f"make_shards exited {rc}"
+        made = make_shards(src, dest, quiet=True, workers=workers, codec=codec, fps=30, short_side=256, gop=16)
+        assert made["failed"] == 0, f"make_shards failed on {made['failed']} (see {made['failed_path']})"
         shutil.rmtree(dest)
         return len(inputs)
 

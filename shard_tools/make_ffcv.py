@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from loaders.system import atomic, cores
 from shard_tools.make_shards import EXIT_FAILED, EXIT_OK
-from shard_tools.make_shards import main as make_shards_main
+from shard_tools.make_shards import pack as make_shards_pack
 from vthcl import options
 from vthcl.options import UsageError
 
@@ -195,14 +195,13 @@ def make(src: str, out: str, **values) -> dict:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         packed = src = out + ".shards"
         shutil.rmtree(packed, ignore_errors=True)
-        argv = options.to_argv(cfg, pack)
-        argv = ["--preset" if a == "--x264-preset" else a for a in argv]  # make_shards' own spelling
-        crf = [] if "crf" in cfg.given else ["--crf", "0"]
-        code = make_shards_main([cfg.src, packed, *crf, "--workers", str(workers), *argv]
-                                + (["--quiet"] if cfg.quiet else []))
-        if code not in (EXIT_OK, EXIT_FAILED):
+        values = {n: getattr(cfg, n) for n in pack}
+        values.setdefault("crf", 0)  # the frames become JPEGs next: pack them losslessly unless told
+        try:
+            make_shards_pack(cfg.src, packed, workers=workers, quiet=cfg.quiet, **values)
+        except UsageError:
             shutil.rmtree(packed, ignore_errors=True)
-            raise UsageError(f"make_shards could not pack {cfg.src} (its error above)")
+            raise
         with open(os.path.join(packed, "failed.jsonl"), encoding="utf-8") as f:
             failed.extend(json.loads(line) for line in f if line.strip())
     elif pack:

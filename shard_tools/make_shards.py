@@ -50,9 +50,9 @@ so ``--resume`` works after any kill.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -74,77 +74,18 @@ from shard_tools.lock import lock_name, writer_lock
 from shard_tools.sources import EventVideos, Sample, UsageError, discover, events_layout
 from shard_tools.transcode import BadVideo, EncodeSettings, transcode
 from shard_tools.wds_index import write_index
+from vthcl import options
 
+log = logging.getLogger(__name__)
 STATE_FILE = ".make_shards_state.json"
 EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 3
 
 
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (try 1GB, 500MB, 2GiB)")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index((m.group(2) or " ").upper()))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="make_shards", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("src", metavar="SRC", help="folder with the videos")
-    p.add_argument("out", metavar="OUT", help="output folder for the shards")
-    p.add_argument("--layout", choices=["auto", "kinetics", "folders", "csv", "ava", "epic"], default="auto",
-                   help="ava / epic: long videos with time-anchored events (events.jsonl beside the shards)")
-    p.add_argument("--annotations", help="Kinetics annotation CSV, a path,label CSV, AVA's ava_{train,val}_v2.2.csv "
-                                         "or EPIC-Kitchens' EPIC_train_action_labels.csv / EPIC_100_*.csv")
-    p.add_argument("--proposals", help="AVA: person proposals with scores (PySlowFast's predicted-box CSVs)")
-    p.add_argument("--labelmap", help="AVA: the label map of evaluated classes (ava_action_list_v2.2*.pbtxt)")
-    p.add_argument("--exclusions", help="AVA: keyframes to leave out (ava_*_excluded_timestamps_v2.2.csv)")
-    p.add_argument("--time-offset", type=float, default=0.0,
-                   help="ava/epic: the annotations' time of each source's first frame (900 for AVA's 15-minute cuts)")
-    p.add_argument("--margin", type=float, default=None,
-                   help="ava/epic: seconds packed beyond the span the events need, at each end (default: half a "
-                        "64-frame window at --fps)")
-    p.add_argument("--split-file", action="append", default=None,
-                   help="UCF101 trainlist/testlist or HMDB51 *_test_splitN.txt (a file, glob or folder; repeatable)")
-    p.add_argument("--split", choices=["train", "val", "test"],
-                   help="which split to take from --split-file (HMDB51) or the Kinetics CSV's split column")
-    p.add_argument("--fps", type=float, default=None, help="constant output frame rate (default 30)")
-    p.add_argument("--frame-rate", type=float, default=None,
-                   help="the rate of videos given as folders of numbered frames (12 for Something-Something V1)")
-    p.add_argument("--short-side", type=int, default=None, help="output short side, aspect kept (default 256; 0 keeps)")
-    p.add_argument("--codec", choices=["h264", "vp9", "copy"], default="h264",
-                   help="vp9 shards decode on DALI's CPU decoder; copy keeps the stream as it is")
-    p.add_argument("--gop", type=int, default=16, help="closed GOP: a keyframe every N frames")
-    p.add_argument("--crf", type=int, default=None, help="quality (default: h264 23, vp9 32)")
-    p.add_argument("--preset", default="veryfast", help="x264 preset")
-    p.add_argument("--bframes", type=int, default=None,
-                   help="x264 B-frames (default: the preset's); 0 = decode order is display order, which DALI's "
-                        "NVDEC path handles with fewer per-frame copies (see docs/benchmarks.md)")
-    p.add_argument("--b-refs", action="store_true",
-                   help="let x264 use B-frames as references (B-pyramid, adaptive placement: its default, ~1%% "
-                        "smaller); by default no B-frame is a reference, so the loaders skip decoding those a "
-                        "clip does not keep (fewer frames decoded per clip, see docs/benchmarks.md)")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--samples-per-shard", type=int, default=None)
-    size.add_argument("--shard-size", type=parse_size, default=None, help="bytes per shard, e.g. 1GB (the default)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores; 0: in-process)")
-    p.add_argument("--prefix", default="train")
-    p.add_argument("--resume", action="store_true", help="keep complete shards of a killed run and do the rest")
-    p.add_argument("--part", type=int, default=None, metavar="I",
-                   help="pack part I (0-based) of --parts N: a deterministic slice of the inputs, into files of "
-                        "its own in OUT, so N machines can pack one dataset at once; then "
-                        "`python -m shard_tools.merge_parts OUT`")
-    p.add_argument("--parts", type=int, default=None, metavar="N")
-    p.add_argument("--min-frames", type=int, default=1)
-    p.add_argument("--square-pixels", action="store_true",
-                   help="stretch non-square pixels (a sample aspect ratio, e.g. 64/51 in the 340x256 Kinetics "
-                        "releases) to their display aspect; by default the stored pixel grid is kept, as PySlowFast, "
-                        "decord and DALI decode it, and the ratio is written into the member and its json")
-    p.add_argument("--seed", type=int, default=0, help="shuffles samples across shards")
-    p.add_argument("--unlabeled", action="store_true", help="ignore labels: every sample gets label -1")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+CLI = options.command(
+    "shard_tools.make_shards", __doc__,
+    [options.PACK, "labelmap", "exclusions", "workers", "seed", "resume"],
+    positionals=[options.Positional("src", "the folder with the videos", "SRC"),
+                 options.Positional("out", "the folder for the shards", "OUT")])
 
 
 def _work(task: tuple[Sample, EncodeSettings]):
@@ -420,7 +361,18 @@ def _event_failure(plan: EventVideos | None, sample: Sample) -> dict | None:
     return {"video_id": video["video_id"], "annotations": plan.info["annotations"], "lines": video["lines"]}
 
 
-def run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
+def pack(src, out, **values) -> dict:
+    """Pack the videos under ``src`` into shards in ``out`` with the options
+    of ``shard_tools.make_shards`` (``options.resolve`` checks them; bad
+    options or input raise UsageError). Returns ``{"packed", "failed",
+    "whole", "failed_path", "manifest", "part", "parts"}``; the inputs that
+    could not be packed are in ``failed_path``."""
+    cfg = options.resolve("shard_tools.make_shards", src=src, out=out, **values)
+    with contextlib.ExitStack() as held:  # OUT's writer lock, taken before OUT is touched, until the end
+        return _pack(cfg, held)
+
+
+def _pack(args: options.Config, held: contextlib.ExitStack) -> dict:
     if args.codec == "copy" and (args.fps is not None or args.short_side is not None):
         raise UsageError("--codec copy keeps the stream as it is: it cannot honour --fps or --short-side")
     for name in ("gop", "min_frames", "samples_per_shard", "shard_size"):
@@ -439,6 +391,8 @@ def run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         raise UsageError("--codec copy keeps the stream as it is: it cannot honour --square-pixels")
     if (args.part is None) != (args.parts is None) or (args.parts is not None and not 0 <= args.part < args.parts):
         raise UsageError("--part I --parts N go together, with 0 <= I < N")
+    if args.samples_per_shard is not None and args.shard_size is not None:
+        raise UsageError("--samples-per-shard and --shard-size: give one of them")
     names = Names(args.prefix, args.part, args.parts)
     workers = cores() if args.workers is None else args.workers
     copy = args.codec == "copy"
@@ -446,7 +400,7 @@ def run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         codec=args.codec,
         fps=None if copy else (args.fps or 30.0),
         short_side=None if copy else (256 if args.short_side is None else args.short_side),
-        gop=args.gop, crf=args.crf, preset=args.preset, bframes=args.bframes, b_refs=args.b_refs,
+        gop=args.gop, crf=args.crf, preset=args.x264_preset, bframes=args.bframes, b_refs=args.b_refs,
         threads=max(1, cores() // max(1, workers)), min_frames=args.min_frames, square_pixels=args.square_pixels,
         frame_rate=args.frame_rate)
     ignored: list[str] = []
@@ -470,7 +424,7 @@ def run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                                             ignored)
     if ignored:
         shown = ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else "")
-        print(f"make_shards: not videos, left out: {len(ignored)} file(s) ({shown})", file=sys.stderr)
+        log.warning("not videos, left out: %d file(s) (%s)", len(ignored), shown)
     if args.unlabeled:
         samples = [Sample(s.key, s.source, s.path, -1, "", s.span) for s in samples]
         classes = []
@@ -479,7 +433,7 @@ def run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     recorded = {k: v for k, v in settings.as_dict().items()  # (unset options are left out, as before they existed)
                 if k != "threads" and not (k in ("bframes", "frame_rate") and v is None)
                 and not (k == "square_pixels" and not v)}
-    max_bytes = args.shard_size or (None if args.samples_per_shard else parse_size("1GB"))
+    max_bytes = args.shard_size or (None if args.samples_per_shard else options.parse_size("1GB"))
     run_config = {**recorded, "member_format": MEMBER_FORMAT, "layout": layout, "src": os.path.abspath(args.src),
                   "seed": args.seed,
                   "samples_per_shard": args.samples_per_shard, "shard_size": max_bytes,
@@ -518,11 +472,11 @@ def run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             if reason is None:
                 shards.add(sample, data, meta, _event_json(plan, sample, meta))
                 if not meta["window_cut"]:
-                    bar.write(f"decoded whole, not cut to its windows: {sample.source}: {meta['window_cut_reason']}",
-                              file=sys.stderr)
+                    log.warning("decoded whole, not cut to its windows: %s: %s", sample.source,
+                                meta["window_cut_reason"])
             else:
                 shards.fail(sample, reason, _event_failure(plan, sample))
-                bar.write(f"failed: {sample.source}: {reason}", file=sys.stderr)
+                log.warning("failed: %s: %s", sample.source, reason)
             bar.update(1)
             bar.set_postfix(failed=len(shards.pending_failed) + len(state["failed"]) - failed_before)
         shards.commit()
@@ -535,24 +489,29 @@ def run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     save_state(args.out, state, names)
     manifest_settings = {**recorded, "layout": layout, "seed": args.seed, "prefix": args.prefix}
     write_outputs(args.out, names, state, classes, manifest_settings, plan)
-    packed = sum(s["num_samples"] for s in state["shards"])
-    failed = len(state["failed"]) + len(state.get("bad_rows", []))
-    whole = sum(s["whole_member"] for s in state["shards"])
-    cut = (f"; {whole} of them decoded whole, not cut to their windows (window_cut_reason in their json)"
-           if whole else "")
-    part = f"part {args.part} of {args.parts}: " if names.part is not None else ""
-    print(f"{part}{packed} packed, {failed} failed (see {os.path.join(args.out, names.failed)}){cut}")
-    return EXIT_FAILED if failed else EXIT_OK
+    return {"packed": sum(s["num_samples"] for s in state["shards"]),
+            "failed": len(state["failed"]) + len(state.get("bad_rows", [])),
+            "whole": sum(s["whole_member"] for s in state["shards"]),
+            "failed_path": os.path.join(args.out, names.failed), "manifest": os.path.join(args.out, names.manifest),
+            "part": args.part, "parts": args.parts}
+
+
+def summary(result: dict) -> str:
+    """The one line a run ends with: packed, failed (and where they are said), decoded whole."""
+    part = f"part {result['part']} of {result['parts']}: " if result["part"] is not None else ""
+    cut = (f"; {result['whole']} of them decoded whole, not cut to their windows (window_cut_reason in their json)"
+           if result["whole"] else "")
+    return f"{part}{result['packed']} packed, {result['failed']} failed (see {result['failed_path']}){cut}"
+
+
+def _job(cfg: options.Config) -> int:
+    result = pack(**options.kwargs(cfg))
+    print(summary(result))
+    return EXIT_FAILED if result["failed"] else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with contextlib.ExitStack() as held:  # OUT's writer lock, taken in run, until it ends
-            return run(args, held)
-    except UsageError as e:
-        print(f"make_shards: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    return options.cli("shard_tools.make_shards", _job, argv)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def make(out: Path, videos: int | None = None, classes: int = 8, seed: int = 0, 
     videos = 480 if videos is None else videos
     size = 96 if size is None else size
     from loaders.system import cores
-    from shard_tools.make_shards import main as make_shards
+    from shard_tools.make_shards import pack as make_shards
     names = class_names(classes)
     ext = "webm" if vp9 else "mp4"
     rng = np.random.default_rng(seed)
@@ -206,16 +206,12 @@ def make(out: Path, videos: int | None = None, classes: int = 8, seed: int = 0, 
         if not pack:
             result[split] = str(ann)
             continue
-        args = [str(out / "videos"), str(out / split), "--annotations", str(ann), "--prefix", split,
-                "--short-side", str(short_side), "--samples-per-shard", "64", "--seed", str(seed),
-                "--workers", str(workers)]
-        if vp9:
-            args += ["--codec", "vp9"]
-        if quiet:
-            args.append("--quiet")
-        rc = make_shards(args + (["--resume"] if (out / split / "manifest.json").exists() else []))
-        if rc != 0:
-            raise RuntimeError(f"make_shards for {split} exited {rc}")
+        made = make_shards(out / "videos", out / split, annotations=str(ann), prefix=split, short_side=short_side,
+                           samples_per_shard=64, seed=seed, workers=workers, quiet=quiet,
+                           codec="vp9" if vp9 else "h264", resume=(out / split / "manifest.json").exists())
+        if made["failed"]:
+            raise options.JobError(f"make_shards could not pack {made['failed']} of the videos for {split} "
+                                   f"(see {made['failed_path']})")
         result[split] = str(out / split / "manifest.json")
     return result
 

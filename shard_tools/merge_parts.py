@@ -29,7 +29,6 @@ part run again meanwhile (or a second merge) is refused in turn.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -46,7 +45,6 @@ from shard_tools.make_shards import (
     EVENTS_FILE,
     EXIT_FAILED,
     EXIT_OK,
-    EXIT_USAGE,
     INDEX_WIDTH,
     MEMBER_FORMAT,
     Names,
@@ -54,7 +52,10 @@ from shard_tools.make_shards import (
     events_name,
 )
 from shard_tools.sources import UsageError
+from vthcl import options
 
+CLI = options.command("shard_tools.merge_parts", __doc__,
+                      positionals=[options.Positional("out", "the folder the parts were packed into", "OUT")])
 _PART = re.compile(r"^manifest\.p(\d{4})of(\d{4})\.json$")
 
 
@@ -179,18 +180,15 @@ def _merge(out: str) -> dict:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="merge_parts", description=__doc__.split("\n\n")[0])
-    p.add_argument("out", metavar="OUT", help="the folder the parts were packed into")
-    args = p.parse_args(argv)
-    try:
-        manifest = merge(args.out)
-    except UsageError as e:
-        print(f"merge_parts: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+def _job(cfg: options.Config) -> int:
+    manifest = merge(cfg.out)
     print(f"{manifest['total_samples']} packed, {manifest['failed']} failed, from {manifest['parts']} parts "
-          f"(see {os.path.join(args.out, 'failed.jsonl')})")
+          f"(see {os.path.join(cfg.out, 'failed.jsonl')})")
     return EXIT_FAILED if manifest["failed"] else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return options.cli("shard_tools.merge_parts", _job, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Pack a dataset in N parts as Ray tasks (a cluster, or a local instance), then merge them.
 
-    python -m shard_tools.ray_pack SRC OUT --parts N [make_shards options] [--address ADDR]
+    python -m shard_tools.ray_pack SRC OUT --parts N [make_shards options] [--address ADDR] [--num-cpus N]
 
 Each part is ``make_shards SRC OUT --part I --parts N --resume`` run as one
 Ray task that reserves the CPUs its worker processes use, so Ray never runs
@@ -20,96 +20,103 @@ Needs the ``ray`` extra (``pip install -e ".[ray]"``).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shard_tools.make_shards import EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser
+import logging
+
+from shard_tools.make_shards import EXIT_FAILED, EXIT_OK, summary
+from vthcl import options
+from vthcl.options import UsageError
+
+log = logging.getLogger(__name__)
+# ray_pack sets part, parts (its own) and resume itself
+PASSED_ON = [n for n in options.PACK.names if n not in ("part", "parts")] + ["labelmap", "exclusions"]
+CLI = options.command(
+    "shard_tools.ray_pack", __doc__, [*PASSED_ON, "parts", "workers", "seed", options.RAY],
+    positionals=[options.Positional("src", "the folder with the videos (seen by every node)", "SRC"),
+                 options.Positional("out", "the folder for the shards (seen by every node)", "OUT")],
+    required=("parts",))
 
 
-def _pack_part(argv: list[str]) -> tuple[int, str]:
-    """One part, in a Ray worker: make_shards' exit code and what it printed."""
-    import contextlib
-    import io
-
-    from shard_tools.make_shards import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, (out.getvalue() + err.getvalue()).strip()
+def _pack_part(src: str, out: str, part: int, parts: int, values: dict) -> dict:
+    """One part, in a Ray task: make_shards.pack's result (a usage error: {"usage_error": message})."""
+    from shard_tools.make_shards import pack
+    try:
+        return pack(src, out, part=part, parts=parts, resume=True, quiet=True, **values)
+    except UsageError as e:
+        return {"usage_error": str(e)}
 
 
-def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="ray_pack", description=__doc__.split("\n\n")[0],
-                                epilog="Every other option is make_shards' (python -m shard_tools.make_shards -h).")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("out", metavar="OUT")
-    p.add_argument("--parts", type=int, required=True, help="how many parts (Ray tasks)")
-    p.add_argument("--address", default=None, help="a running Ray cluster; default: a local instance")
-    p.add_argument("--num-cpus", type=int, default=None,
-                   help="CPUs of the local instance (default: all); not with --address")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args, rest = p.parse_known_args(argv)
-    if args.parts < 1:
-        p.error("--parts must be at least 1")
-    if args.num_cpus is not None and (args.num_cpus < 1 or args.address is not None):
-        p.error("--num-cpus is at least 1, for the local instance (a cluster at --address has its own)")
-    if any(a in ("--part", "--parts", "--resume") for a in rest):
-        p.error("ray_pack sets --part, --parts and --resume itself")
-    shards_args = build_parser().parse_args([args.src, args.out, *rest])  # make_shards' own check of the rest
-    return argparse.Namespace(**vars(args), workers=shards_args.workers), rest
-
-
-def main(argv: list[str] | None = None) -> int:
-    args, rest = parse(argv)
+def pack_with_ray(src, out, parts: int, address: str | None = None, num_cpus: int | None = None,
+                  quiet: bool = False, **values) -> dict:
+    """Pack ``src`` into ``out`` in ``parts`` Ray tasks, then merge them
+    (see the module docstring); ``values`` are make_shards' options. Returns
+    the merged manifest; a usage error (bad options, a part's) raises
+    UsageError."""
+    if parts < 1:
+        raise UsageError("--parts must be at least 1")
+    if num_cpus is not None and (num_cpus < 1 or address is not None):
+        raise UsageError("--num-cpus is at least 1, for the local instance (a cluster at --address has its own)")
+    options.resolve("shard_tools.make_shards", src=src, out=out, **values)  # make_shards' own check of them
     try:
         import ray
     except ImportError:
-        print("ray_pack: error: Ray is not installed (pip install -e \".[ray]\")", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError('Ray is not installed (pip install -e ".[ray]")') from None
     from tqdm import tqdm
 
-    from shard_tools.merge_parts import main as merge_parts
-    src, out = os.path.abspath(args.src), os.path.abspath(args.out)
-    ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR",
+    from shard_tools.merge_parts import merge
+    src, out = os.path.abspath(src), os.path.abspath(out)
+    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
     try:
         nodes = [int(n["Resources"]["CPU"]) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
-        if args.workers is None:
+        if values.get("workers") is None:
             # A task reserves the CPUs its make_shards workers use, so make_shards is told how many to start
             # (by itself it starts one per core of its node, whatever Ray reserved). The cluster's CPUs shared
             # among the parts let all parts run at once when there are fewer parts than CPUs; no more than the
             # smallest node's CPUs, so every node can take a part (a task asking for more than a node has never
             # runs there). A cluster with no CPU node yet (an autoscaler's) gets one worker per part.
-            cpus = max(1, min(min(nodes), sum(nodes) // args.parts)) if nodes else 1
-            rest = [*rest, "--workers", str(cpus)]
+            cpus = max(1, min(min(nodes), sum(nodes) // parts)) if nodes else 1
+            values = {**values, "workers": cpus}
         else:
-            cpus = max(1, args.workers)
+            cpus = max(1, values["workers"])
             if nodes and cpus > max(nodes):  # Ray would wait for such a node forever
-                print(f"ray_pack: error: --workers {args.workers}: no node of the Ray cluster has {cpus} CPUs "
-                      f"(the largest has {max(nodes)})", file=sys.stderr)
-                return EXIT_USAGE
+                raise UsageError(f"--workers {values['workers']}: no node of the Ray cluster has {cpus} CPUs "
+                                 f"(the largest has {max(nodes)})")
         task = ray.remote(_pack_part).options(num_cpus=cpus, max_retries=0)
-        pending = {task.remote([src, out, *rest, "--quiet", "--resume", "--part", str(i), "--parts",
-                                str(args.parts)]): i for i in range(args.parts)}
-        codes = {}
-        with tqdm(total=args.parts, unit="part", disable=args.quiet, dynamic_ncols=True) as bar:
+        pending = {task.remote(src, out, i, parts, values): i for i in range(parts)}
+        failed = False
+        with tqdm(total=parts, unit="part", disable=quiet, dynamic_ncols=True) as bar:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 part = pending.pop(done[0])
-                codes[part], said = ray.get(done[0])
-                bar.write(f"part {part}: {said.splitlines()[-1] if said else 'exit ' + str(codes[part])}")
+                result = ray.get(done[0])
+                if "usage_error" in result:
+                    raise UsageError(f"part {part}: {result['usage_error']}")
+                log.info("part %d: %s", part, summary(result))
+                failed |= bool(result["failed"])
                 bar.update(1)
-                if codes[part] == EXIT_USAGE:
-                    print(f"ray_pack: error: part {part}: {said}", file=sys.stderr)
-                    return EXIT_USAGE
     finally:
         ray.shutdown()
-    rc = merge_parts([out])
-    return rc if rc == EXIT_USAGE else (EXIT_FAILED if EXIT_FAILED in codes.values() or rc else EXIT_OK)
+    return merge(out)
+
+
+def _job(cfg: options.Config) -> int:
+    values = options.kwargs(cfg)
+    values.pop("quiet", None)
+    manifest = pack_with_ray(values.pop("src"), values.pop("out"), values.pop("parts"), values.pop("address", None),
+                             values.pop("num_cpus", None), cfg.quiet, **values)
+    print(f"{manifest['total_samples']} packed, {manifest['failed']} failed, from {manifest['parts']} parts "
+          f"(see {os.path.join(cfg.out, 'failed.jsonl')})")
+    return EXIT_FAILED if manifest["failed"] else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return options.cli("shard_tools.ray_pack", _job, argv)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,14 @@ import os
 import re
 from dataclasses import dataclass
 
+from vthcl.options import UsageError  # noqa: F401  (bad input: exit code 2)
+
 UNLABELED = -1
 # documents and annotations that sit beside videos (README.md, classInd.txt, ...): named, not packed
 NOT_VIDEO = {".md", ".txt", ".csv", ".json", ".jsonl", ".xml", ".yaml", ".yml", ".pdf", ".html", ".py", ".sh",
              ".zip", ".tar", ".rar", ".idx"}
 
 
-class UsageError(Exception):
-    """Bad command-line input (exit code 2)."""
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ from pathlib import Path
 import numpy as np
 
 from shard_tools.make_synthetic import FAMILIES, _mask, _texture, write_video
-from vthcl.options import UsageError
+from vthcl.options import JobError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -641,33 +641,25 @@ def make_epic(out: Path, seed: int = 0, participants: int = 2, train_videos: int
 def pack(task: str, out: Path, files: dict, short_side: int = 64, workers: int | None = None, seed: int = 0,
          quiet: bool = True, epic_columns: int = 100) -> dict:
     """Pack OUT/train and OUT/val with make_shards' long-video layouts; returns their manifests."""
-    from shard_tools.make_shards import main as make_shards
+    from shard_tools.make_shards import pack as make_shards
     out, result = Path(out), {}
     for split in ("train", "val"):
         if task == "ava":
-            args = ["--layout", "ava", "--annotations", files[f"{split}_annotations"],
-                    "--proposals", files[f"{split}_proposals"], "--labelmap", files["labelmap"],
-                    "--time-offset", str(AVA_TIME_OFFSET)]
+            layout = {"layout": "ava", "annotations": files[f"{split}_annotations"],
+                      "proposals": files[f"{split}_proposals"], "labelmap": files["labelmap"],
+                      "time_offset": AVA_TIME_OFFSET}
             if split == "val":
-                args += ["--exclusions", files["exclusions"]]
+                layout["exclusions"] = files["exclusions"]
         elif task == "epic":
-            args = ["--layout", "epic", "--annotations", files[f"{split}_epic{epic_columns}"]]
+            layout = {"layout": "epic", "annotations": files[f"{split}_epic{epic_columns}"]}
         else:
             raise UsageError(f"task {task!r}: ava or epic")
-        args = [str(out / "videos"), str(out / split), *args, "--prefix", split, "--seed", str(seed),
-                "--short-side", str(short_side), "--workers", str(_workers(workers))]
-        if quiet:
-            args.append("--quiet")
-        if (out / split / "manifest.json").exists():
-            args.append("--resume")
-        try:
-            rc = make_shards(args)
-        except SystemExit as e:  # argparse refuses options this make_shards does not have
-            raise RuntimeError(f"make_shards refused the {task} layout's options ({' '.join(args)}): exit {e.code}; "
-                               f"does this make_shards have --layout {task}?") from None
-        if rc != 0:
-            raise RuntimeError(f"make_shards for {split} exited {rc}")
-        result[split] = str(out / split / "manifest.json")
+        made = make_shards(out / "videos", out / split, **layout, prefix=split, seed=seed, short_side=short_side,
+                           workers=_workers(workers), quiet=quiet, resume=(out / split / "manifest.json").exists())
+        if made["failed"]:
+            raise JobError(f"make_shards could not pack {made['failed']} of the {task} {split} videos or rows "
+                           f"(see {made['failed_path']})")
+        result[split] = made["manifest"]
     return result
 
 

@@ -45,26 +45,26 @@ def real_tree(videos, tmp_path_factory) -> Path:
     return root
 
 
-def _pack(tree: Path, out: Path, *args: str) -> Path:
-    from shard_tools.make_shards import main
-    rc = main([str(tree), str(out), "--quiet", "--workers", "2", *args])
-    assert rc == 0, f"make_shards exited {rc}"
+def _pack(tree: Path, out: Path, **options) -> Path:
+    from shard_tools.make_shards import pack
+    made = pack(tree, out, quiet=True, workers=2, **options)
+    assert made["failed"] == 0, f"make_shards failed on {made['failed']} input(s) (see {made['failed_path']})"
     return out
 
 
-def _shards(tree: str, name: str, *args: str):
-    """A session fixture: the tree fixture ``tree`` packed with make_shards ``args``."""
+def _shards(tree: str, name: str, **options):
+    """A session fixture: the tree fixture ``tree`` packed with make_shards ``options``."""
     @pytest.fixture(scope="session")
     def fixture(request, tmp_path_factory) -> Path:
-        return _pack(request.getfixturevalue(tree), tmp_path_factory.mktemp(name), *args)
+        return _pack(request.getfixturevalue(tree), tmp_path_factory.mktemp(name), **options)
     return fixture
 
 
-h264_shards = _shards("real_tree", "h264", "--short-side", "128", "--samples-per-shard", "2")
-vp9_shards = _shards("real_tree", "vp9", "--short-side", "128", "--samples-per-shard", "2", "--codec", "vp9")
-coded_h264 = _shards("coded_tree", "coded_h264", "--short-side", "64", "--crf", "0")
-coded_h264_lossy = _shards("coded_tree", "coded_h264_lossy", "--short-side", "64", "--crf", "10")  # NVDEC-decodable
-coded_vp9 = _shards("coded_tree", "coded_vp9", "--short-side", "64", "--codec", "vp9", "--crf", "0")
+h264_shards = _shards("real_tree", "h264", short_side=128, samples_per_shard=2)
+vp9_shards = _shards("real_tree", "vp9", short_side=128, samples_per_shard=2, codec="vp9")
+coded_h264 = _shards("coded_tree", "coded_h264", short_side=64, crf=0)
+coded_h264_lossy = _shards("coded_tree", "coded_h264_lossy", short_side=64, crf=10)  # NVDEC-decodable
+coded_vp9 = _shards("coded_tree", "coded_vp9", short_side=64, codec="vp9", crf=0)
 
 
 def _beton(shards: str, name: str, **options):
@@ -106,8 +106,8 @@ def long_coded_tree(tmp_path_factory) -> Path:
     return root
 
 
-long_vp9 = _shards("long_coded_tree", "long_vp9", "--short-side", "64", "--codec", "vp9", "--crf", "4")
-long_h264 = _shards("long_coded_tree", "long_h264", "--short-side", "64", "--crf", "10")  # NVDEC-decodable
+long_vp9 = _shards("long_coded_tree", "long_vp9", short_side=64, codec="vp9", crf=4)
+long_h264 = _shards("long_coded_tree", "long_h264", short_side=64, crf=10)  # NVDEC-decodable
 
 
 def old_format_copy(src: Path, dst: Path) -> Path:
@@ -167,5 +167,5 @@ def many_tree(tmp_path_factory) -> Path:
     return root
 
 
-many_vp9 = _shards("many_tree", "many_vp9", "--short-side", "32", "--codec", "vp9", "--samples-per-shard", "4")
+many_vp9 = _shards("many_tree", "many_vp9", short_side=32, codec="vp9", samples_per_shard=4)
 many_beton = _beton("many_vp9", "many")

@@ -161,7 +161,7 @@ def test_two_runs_into_one_out_one_packs_the_other_is_refused(tmp_path):
     winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
     assert "6 packed, 0 failed" in said[winner][0]
     err = said[loser][1]
-    assert err.startswith(f"make_shards: error: {out} is being written by pid {procs[winner].pid} on "
+    assert err.startswith(f"shard_tools.make_shards: error: {out} is being written by pid {procs[winner].pid} on "
                           f"{socket.gethostname()}"), err
     assert "wait_then_pack.py" in err and "Traceback" not in err
     _valid_dataset(out, 6)
@@ -213,7 +213,8 @@ def test_parts_pack_side_by_side_and_merge_waits_for_them(tmp_path, capsys):
         before = _snapshot(out)
         assert merge_parts([str(out)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"merge_parts: error: {out} {holder}") and ".make_shards.p0000of0002.lock" in err
+        assert err.startswith(f"shard_tools.merge_parts: error: {out} {holder}")
+        assert ".make_shards.p0000of0002.lock" in err
         assert _snapshot(out) == before
         os.killpg(proc.pid, signal.SIGCONT)
         stdout, stderr = proc.communicate(timeout=300)

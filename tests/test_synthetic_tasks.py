@@ -362,28 +362,24 @@ def test_same_seed_same_files(tmp_path, ava, epic):
                 assert not filecmp.cmp(reference / name, other / name, shallow=False), name
 
 
-def test_pack_calls_make_shards_with_the_layout_flags(tmp_path, monkeypatch):
-    import shard_tools.make_shards as ms
-    calls = []
-    monkeypatch.setattr(ms, "main", lambda argv: calls.append(argv) or 0)
-    files = {"train_annotations": "A", "val_annotations": "B", "train_proposals": "C", "val_proposals": "D",
-             "labelmap": "L", "exclusions": "X"}
-    assert st.pack("ava", tmp_path, files, short_side=48, workers=2) == {
-        "train": str(tmp_path / "train" / "manifest.json"), "val": str(tmp_path / "val" / "manifest.json")}
-    train, val = calls
-    assert train[:2] == [str(tmp_path / "videos"), str(tmp_path / "train")]
-    flags = " ".join(train[2:])
-    assert "--layout ava --annotations A --proposals C --labelmap L --time-offset 900" in flags
-    assert "--short-side 48" in flags and "--workers 2" in flags and "--quiet" in flags
-    assert "--exclusions" not in flags
-    assert "--annotations B --proposals D" in " ".join(val) and "--exclusions X" in " ".join(val)
-    calls.clear()
-    files = {"train_epic100": "T100", "val_epic100": "V100", "train_epic55": "T55", "val_epic55": "V55"}
-    st.pack("epic", tmp_path, files, epic_columns=55)
-    assert "--layout epic --annotations T55" in " ".join(calls[0]) and "--annotations V55" in " ".join(calls[1])
-    monkeypatch.setattr(ms, "main", lambda argv: 3)
-    with pytest.raises(RuntimeError, match="exited 3"):
-        st.pack("epic", tmp_path, files)
+def test_both_tasks_pack_into_event_datasets(tmp_path):
+    """make() packs what it wrote with make_shards' long-video layouts: every video, every keyframe or
+    segment of the annotations an event (less AVA's excluded val keyframes), nothing failed."""
+    import json
+    for task, extra in (("ava", {"duration": 8}), ("epic", {"duration": 12, "epic_columns": 55})):
+        out = tmp_path / task
+        manifests = make(out, task=task, seed=3, videos=1, val_videos=1, workers=2, short_side=48, **extra)
+        for split, path in manifests.items():
+            m = json.loads(open(path).read())
+            assert m["task"] == task and m["failed"] == 0 and m["total_samples"] >= 1
+            if task == "ava":
+                csv_rows = (out / f"ava_{split}_v2.2.csv").read_text().splitlines()
+                keyframes = {tuple(r.split(",")[:2]) for r in csv_rows}
+                assert m["events"] == len(keyframes) - m["event_info"]["excluded_keyframes"]
+            else:
+                assert m["event_info"]["columns"] == "epic-55"
+                assert m["events"] == len((out / ("EPIC_train_action_labels.csv" if split == "train"
+                                                   else "EPIC_val_action_labels.csv")).read_text().splitlines()) - 1
 
 
 def test_bad_options_are_refused(tmp_path, capsys):

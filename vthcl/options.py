@@ -604,7 +604,8 @@ RUN = section(
 
 JOB = section(
     "job", "the job",
-    Option("out", str, None, "the folder the job writes into", metavar="DIR", in_config=False),
+    Option("out", str, None, "the folder the job writes into (vthcl.eval ava-map: a .json file, or a folder)",
+           metavar="DIR", in_config=False),
     Option("seed", int, 0, "seed of the job's random draws: the same seed and options give the same result"),
     Option("device", str, None, "where to compute (default: cuda where a GPU is visible, else cpu)",
            choices=("cpu", "cuda")),
@@ -653,6 +654,9 @@ MODEL = section(
            "or 3 (res3, res4, res5)", choices=(1, 2, 3)),
     Option("input", str, From("vthcl.model", "VTHCL", "input"),
            "RGB frames (the paper) or residual frames, x[t] - x[t-1]", choices=("rgb", "residual")),
+    Option("head", str, From("vthcl.model", "VTHCL", "head"), "φ: fc-relu-fc (mlp, the paper's hierarchy) or "
+           "one fc, a 1x1x1 convolution on the map (linear: the paper's single-level ICM setting)",
+           choices=From("vthcl.model", "HEADS")),
 )
 
 METHOD = section(
@@ -700,9 +704,46 @@ RECORD = section(
 
 EVAL = section(
     "eval", "evaluation (vthcl.eval)",
+    Option("init", str, None, "the encoder's initial weights: vthcl:PATH (vthcl.train's last.pt or "
+           "slow_encoder.pt; what --checkpoint gives), random, pyslowfast:PATH (a PySlowFast Slow R50 checkpoint), "
+           "pytorchvideo:PATH (its slow_r50 state dict), imagenet2d:PATH (a torchvision ResNet-18/50 state dict "
+           "inflated to 3D)", metavar="SPEC", in_config=False),
     Option("random_init", bool, False, "evaluate the same architecture untrained (the baseline)"),
     Option("single_frame", bool, False, "an appearance-only control: the centre frame repeated"),
     Option("num_clips", int, 10, "uniform clips averaged per video at test (finetune)", metavar="N"),
+)
+
+TASKS = section(
+    "tasks", "downstream tasks (vthcl.eval detect, anticipate, ava-map)",
+    Option("milestones", float, None, "epochs at which the learning rate is divided by 10 (default: the mode's)",
+           nargs="+", metavar="EPOCH"),
+    Option("warmup_epochs", float, 0.0, "a linear warm-up of the learning rate over the first N epochs",
+           metavar="N"),
+    Option("warmup_start_lr", float, 0.0, "the learning rate the warm-up starts from"),
+    Option("dropout", float, 0.5, "dropout before the task's last layers"),
+    Option("detection_score_thresh", float, 0.9, "detect: the person proposals scoring at least this are "
+           "boxes (training: with IoU >= 0.9 to a ground-truth box; test: every one, a keyframe's best where "
+           "none is)"),
+    Option("eval_short_side", int, From("loaders.sampling", "KeyframeClips", "eval_short_side"),
+           "detect: the short side of the whole frames evaluated", metavar="PX"),
+    Option("tau_a", float, From("loaders.sampling", "ObservedClips", "tau_a"),
+           "anticipate: seconds from the observed window's end to the segment's start"),
+    Option("tau_o", float, From("loaders.sampling", "ObservedClips", "tau_o"),
+           "anticipate: seconds observed"),
+    Option("hidden", int, 512, "anticipate: the shared MLP's width", metavar="N"),
+    Option("labelmap", str, None, "AVA's label map of evaluated classes (ava_action_list_v2.2*.pbtxt); make_shards "
+           "records it with --layout ava", metavar="PBTXT", in_config=False),
+    Option("exclusions", str, None, "AVA's keyframes to leave out (ava_*_excluded_timestamps_v2.2.csv)",
+           metavar="CSV", in_config=False),
+    Option("groundtruth", str, None, "ava-map: the ground-truth CSV (ava_val_v2.2.csv)", metavar="CSV",
+           in_config=False),
+    Option("detections", str, None, "ava-map: the detections CSV (video_id, sec, x1, y1, x2, y2, action_id, "
+           "score)", metavar="CSV", in_config=False),
+)
+
+EXPORT = section(
+    "export", "exporting an encoder (vthcl.export)",
+    Option("to", str, None, "the layout to write", choices=("pyslowfast", "pytorchvideo")),
 )
 
 ICM = section(
@@ -774,9 +815,18 @@ def parse_size(text: str) -> int:
 PACK = section(
     "pack", "packing (shard_tools.make_shards; make_ffcv and ray_pack pass them on)",
     Option("layout", str, "auto", "how SRC is laid out: kinetics (youtube_id CSV), folders (class folders), "
-           "csv (path,label); auto picks one", choices=("auto", "kinetics", "folders", "csv")),
-    Option("annotations", str, None, "Kinetics annotation CSV, or a path,label CSV", metavar="CSV",
-           in_config=False),
+           "csv (path,label), ava, epic (long videos with time-anchored events: events.jsonl); auto picks one of "
+           "the first three", choices=("auto", "kinetics", "folders", "csv", "ava", "epic")),
+    Option("annotations", str, None, "Kinetics annotation CSV, a path,label CSV, AVA's ava_{train,val}_v2.2.csv "
+           "or EPIC-Kitchens' EPIC_train_action_labels.csv / EPIC_100_*.csv", metavar="CSV", in_config=False),
+    Option("proposals", str, None, "ava: person proposals with scores (PySlowFast's predicted-box CSVs)",
+           metavar="CSV", in_config=False),
+    Option("time_offset", float, 0.0, "ava/epic: the annotations' time of each source's first frame (900 for "
+           "AVA's 15-minute cuts)"),
+    Option("margin", float, None, "ava/epic: seconds packed beyond the span the events need, at each end "
+           "(default: half a 64-frame window at --fps)"),
+    Option("frame_rate", float, None, "the rate of videos given as folders of numbered frames (12 for "
+           "Something-Something V1)"),
     Option("split_file", str, None, "UCF101 trainlist/testlist or HMDB51 *_test_splitN.txt (a file, glob or "
            "folder; repeatable)", metavar="FILE", append=True, in_config=False),
     Option("split", str, None, "which split to take from --split-file (HMDB51) or the Kinetics CSV's split "
@@ -809,4 +859,6 @@ RAY = section(
     "ray", "packing as Ray tasks (shard_tools.ray_pack)",
     Option("address", str, None, "a running Ray cluster (ray start --head, auto, ray://HOST:10001; default: a "
            "local instance)", in_config=False),
+    Option("num_cpus", int, None, "CPUs of the local Ray instance (default: all); not with --address",
+           metavar="N"),
 )
