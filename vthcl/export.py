@@ -18,17 +18,21 @@ Both hold an R50 only: an r18 encoder is refused.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 from vthcl import checkpoint as ckpt
-from vthcl import weights
+from vthcl import options, weights
+from vthcl.options import UsageError
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("pyslowfast", "pytorchvideo")
+CLI = options.command(
+    "vthcl.export", __doc__, [options.EXPORT, "arch", "trust_checkpoint"],
+    positionals=[options.Positional("checkpoint", "vthcl.train's last.pt or slow_encoder.pt", "CKPT"),
+                 options.Positional("out", "the file to write", "OUT")])
 
 
 def export(checkpoint, out, to: str, arch: str | None = None, trust: bool = False) -> Path:
@@ -60,21 +64,19 @@ def export(checkpoint, out, to: str, arch: str | None = None, trust: bool = Fals
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vthcl.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--to", required=True, choices=TARGETS)
-    p.add_argument("checkpoint", help="last.pt or slow_encoder.pt of vthcl.train")
-    p.add_argument("out", help="the file to write")
-    p.add_argument("--arch", choices=["r18", "r50"], help="default: the checkpoint's")
-    ckpt.add_trust_flag(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+def _job(cfg: options.Config) -> None:
+    if cfg.to is None:
+        raise UsageError("--to is required: pyslowfast or pytorchvideo")
     try:
-        out = export(args.checkpoint, args.out, args.to, args.arch, bool(args.trust_checkpoint))
+        out = export(cfg.checkpoint, cfg.out, cfg.to, cfg.arch if "arch" in cfg.given else None,
+                     cfg.trust_checkpoint)
     except (ValueError, FileNotFoundError, ckpt.CheckpointRefused) as e:
-        raise SystemExit(f"vthcl.export: error: {e}") from None
+        raise UsageError(str(e)) from None
     print(out)
-    return 0
+
+
+def main(argv=None) -> int:
+    return options.cli("vthcl.export", _job, argv)
 
 
 if __name__ == "__main__":
