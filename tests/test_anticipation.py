@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from vthcl import anticipation as A
@@ -52,3 +53,33 @@ def test_records_rank_verbs_nouns_and_actions_by_probability():
     metrics = anticipation_metrics(records)
     top1 = sum(r["verb_top5"][0] == r["verb"] for r in records) / 6
     assert metrics["verb_top1"] == top1 and metrics["verb_top5"] == 1.0  # 4 verbs: always in the top 5
+
+
+@pytest.mark.parametrize("columns", [55, 100])
+def test_anticipate_end_to_end_from_either_column_set(columns, tmp_path):
+    """vthcl.eval anticipate on the embedded EPIC-format data (packed from the EPIC-55 or the EPIC-100
+    files): anticipate.json's metrics are the ones predictions.jsonl gives."""
+    import json
+
+    from shard_tools.make_synthetic import make
+    from vthcl import eval as vthcl_eval
+    data = tmp_path / "data"
+    make(data, task="epic", seed=2, videos=1, val_videos=1, participants=1, duration=12, short_side=48,
+         epic_columns=columns, workers=2)
+    out = tmp_path / "anticipate"
+    result = vthcl_eval.run(mode="anticipate", init="random", arch="r18", width=8, train=str(data / "train"),
+                            val=str(data / "val"), out=str(out), epochs=1, batch_size=4, crop_size=32, hidden=16,
+                            workers=0, quiet=True)
+    saved = json.loads((out / "anticipate.json").read_text())
+    info = json.loads((data / "train" / "manifest.json").read_text())["event_info"]
+    assert saved["columns"] == f"epic-{columns}"  # class counts: what the train annotations hold
+    assert (saved["verb_classes"], saved["noun_classes"]) == (info["verb_classes"], info["noun_classes"])
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == json.loads((data / "val" / "manifest.json").read_text())["events"]
+    assert all(len(r["verb_top5"]) == min(5, info["verb_classes"]) and len(r["action_top5"]) == 5 for r in records)
+    ids = {r["id"] for r in records}
+    assert all(("_" in i) == (columns == 100) for i in ids)  # narration_id (EPIC-100) or uid (EPIC-55)
+    again = anticipation_metrics(records)
+    for key in ("verb_top1", "verb_top5", "noun_top1", "noun_top5", "action_top1", "action_top5", "verb_mt5r",
+                "noun_mt5r", "action_mt5r"):
+        assert saved[key] == pytest.approx(again[key]) == pytest.approx(result[key]), key

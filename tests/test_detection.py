@@ -104,3 +104,42 @@ def test_detections_file_is_scored_like_the_official_files(tmp_path):
     labelmap = tmp_path / "labelmap.pbtxt"
     labelmap.write_text('item {\n  name: "a"\n  id: 1\n}\nitem {\n  name: "b"\n  id: 2\n}\n')
     assert ava_eval.score_files(gt, path, labelmap)["mAP"] == pytest.approx(res["mAP"])
+
+
+@pytest.fixture(scope="session")
+def synthetic_ava(tmp_path_factory):
+    """The embedded AVA-format data, small: one train and one val video of 8 s."""
+    from shard_tools.make_synthetic import make
+    out = tmp_path_factory.mktemp("synthetic_ava")
+    make(out, task="ava", seed=1, videos=1, val_videos=1, duration=8, short_side=48, workers=2)
+    return out
+
+
+def test_detect_end_to_end_and_the_official_scorer_agree(synthetic_ava, tmp_path):
+    """vthcl.eval detect trains, writes detections.csv in the official format and detect.json; ava-map
+    re-scores the file against the ground-truth CSV (label map, exclusions) to the same mAP."""
+    import json
+
+    from vthcl import eval as vthcl_eval
+    d = synthetic_ava
+    out = tmp_path / "detect"
+    result = vthcl_eval.run(mode="detect", random_init=True, arch="r18", width=8, train=str(d / "train"),
+                            val=str(d / "val"), out=str(out), epochs=1, batch_size=4, crop_size=32,
+                            eval_short_side=48, warmup_epochs=0.5, workers=0, quiet=True)
+    saved = json.loads((out / "detect_random.json").read_text())
+    assert saved["mAP"] == pytest.approx(result["mAP"]) and 0 <= saved["mAP"] <= 1
+    assert saved["train_steps"] >= 1 and set(saved["per_class"]) == {"1", "2", "3", "4", "5", "6", "7"}
+    rows = list(csv.reader(open(out / "detections.csv")))
+    assert rows and all(len(r) == 8 and len(r[1]) == 4 for r in rows)
+    scorer = tmp_path / "ava_map.json"
+    vthcl_eval.run(mode="ava-map", groundtruth=str(d / "ava_val_v2.2.csv"), detections=str(out / "detections.csv"),
+                   labelmap=str(d / "ava_action_list.pbtxt"), exclusions=str(d / "ava_val_excluded_timestamps.csv"),
+                   out=str(scorer))
+    assert json.loads(scorer.read_text())["mAP"] == pytest.approx(saved["mAP"], abs=1e-9)
+    from vthcl.options import UsageError
+    with pytest.raises(UsageError, match="EPIC-Kitchens shards"):  # a task's shards and mode go together
+        vthcl_eval.run(mode="anticipate", init="random", train=str(d / "train"), val=str(d / "val"),
+                       out=str(tmp_path / "x"), width=8, quiet=True)
+    with pytest.raises(UsageError, match="not both"):
+        vthcl_eval.run(mode="detect", init="random", checkpoint="last.pt", train=str(d / "train"),
+                       val=str(d / "val"), out=str(tmp_path / "x"), quiet=True)

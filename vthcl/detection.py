@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vthcl import ava_eval
+from vthcl import ava_eval, options
+from vthcl import eval as _eval  # (the modes register with vthcl.eval, which imports this module)
 from vthcl.model import Pathway
 from vthcl.roi_align import RoIAlign
 
@@ -148,9 +149,12 @@ def detect(model: Detector, loader, events: list[dict], classes: list[int], scor
     """Official-format rows ``(video_id, sec, x1, y1, x2, y2, action_id, score)`` for this rank's keyframes:
     every test proposal (its own coordinates) x every evaluated class."""
     model.eval()
-    rows = []
+    rows, seen = [], set()
     for batch in loader:
+        fresh = [e not in seen for e in batch["event"].tolist()]  # (a rank's padding repeats an event)
+        seen.update(batch["event"].tolist())
         take = test_boxes(batch, score_thresh)
+        take = take[torch.tensor(fresh, dtype=torch.bool)[batch["proposal_batch"][take]]] if len(take) else take
         if len(take) == 0:
             continue
         index = batch["proposal_batch"][take]
@@ -198,3 +202,86 @@ def score(detections_csv: Path, events: list[dict], categories: list[dict]) -> d
 
 def class_list(categories: list[dict]) -> list[int]:
     return sorted(int(c["id"]) for c in categories)
+
+
+# ----------------------------------------------------------------------------- vthcl.eval detect, ava-map
+TAKES = ("init", "checkpoint", "random_init", "trust_checkpoint", "train", "val", "out", "arch", "width", "backend",
+         "batch_size", "epochs", "max_steps", "lr", "momentum", "weight_decay", "milestones", "warmup_epochs",
+         "warmup_start_lr", "dropout", "detection_score_thresh", "eval_short_side", "crop_size", "tau", "alpha",
+         "slow_frames", "labelmap", "workers", "seed", "device", "resume", "log_every")
+# the paper's AVA recipe (PySlowFast's): 24 epochs, lr 0.1 warmed up over 5 epochs, x0.1 at 16 and 22, weight
+# decay 1e-7; the slow clip alone (8 frames at tau 8: alpha 1 decodes no other frame)
+RECIPE = {"epochs": 24, "batch_size": 64, "lr": 0.1, "milestones": [16, 22], "warmup_epochs": 5.0,
+          "warmup_start_lr": 0.000125, "weight_decay": 1e-7, "alpha": 1, "crop_size": 224, "out": "runs/detect"}
+
+
+def _categories(cfg, info: dict) -> list[dict]:
+    if cfg.labelmap:
+        from shard_tools.annotations import read_labelmap
+        return read_labelmap(cfg.labelmap)[0]
+    if not info.get("actions"):
+        raise options.UsageError(f"{cfg.train}: its manifest names no action classes: give --labelmap")
+    return info["actions"]
+
+
+def _events(shards) -> tuple[list[dict], dict]:
+    from loaders.events import EventTable
+    from loaders.shards import resolve_shards
+    try:
+        table = EventTable(resolve_shards(shards))
+    except (FileNotFoundError, ValueError) as e:
+        raise options.UsageError(str(e)) from None
+    return table.rows, {"task": table.task, **table.info}
+
+
+@_eval.mode("detect", "AVA action detection: the slow encoder (res5 dilated) with an RoI head, frame-mAP",
+            takes=TAKES, recipe=RECIPE)
+def detect_mode(cfg: options.Config) -> dict:
+    from vthcl import downstream
+    rank, world, device = downstream.setup_distributed(cfg.device)
+    _, info = _events(cfg.train)
+    val_events, _ = _events(cfg.val)
+    if info["task"] != "ava":
+        raise options.UsageError(f"{cfg.train}: detect needs AVA shards (make_shards --layout ava), not "
+                                 f"{info['task']!r} ones")
+    categories = _categories(cfg, info)
+    encoder, enc = _eval.encoder_for(cfg)
+    clip = {"tau": cfg.tau, "alpha": cfg.alpha, "slow_frames": cfg.slow_frames, "crop_size": cfg.crop_size}
+    model = Detector(dilated(encoder), info["num_actions"], cfg.dropout).to(device)
+    train = _eval.task_loader(cfg, cfg.train, clip, True, rank, world, device)
+    schedule = downstream.Schedule(cfg.lr, cfg.epochs, tuple(cfg.milestones or ()), 0.1, cfg.warmup_epochs,
+                                   cfg.warmup_start_lr, cfg.momentum, cfg.weight_decay)
+    out = Path(cfg.out)
+    last = downstream.fit(model, train, step(cfg.detection_score_thresh, bool(info.get("proposals_labelled"))),
+                          schedule, out, resume=cfg.resume, progress=not cfg.quiet, log_every=cfg.log_every,
+                          max_steps=cfg.max_steps, trust=cfg.trust_checkpoint)
+    val = _eval.task_loader(cfg, cfg.val, clip, False, rank, world, device, eval_short_side=cfg.eval_short_side)
+    rows = downstream.gather(detect(model, val, val_events, class_list(categories), cfg.detection_score_thresh))
+    result = {"init": cfg.init or cfg.checkpoint, "random_init": cfg.random_init, "arch": enc["arch"],
+              "width": enc["width"], "train_steps": last.get("step"), "final_loss": last.get("loss"),
+              "settings": {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "milestones", "warmup_epochs",
+                                                         "weight_decay", "detection_score_thresh", "eval_short_side",
+                                                         "crop_size", "tau", "alpha", "slow_frames")}}
+    if rank == 0:
+        path = out / "detections.csv"
+        write_detections(rows, path)
+        scored = score(path, val_events, categories)
+        result.update(mAP=scored["mAP"], per_class={str(k): v for k, v in scored["per_class"].items()},
+                      detections=str(path), keyframes=len(val_events))
+        log.info("frame-mAP@0.5 %s over %d classes", scored["mAP"], len(categories))
+    return result
+
+
+@_eval.mode("ava-map", "ActivityNet's AVA frame-mAP@0.5IOU of a detections CSV against the ground truth",
+            takes=("groundtruth", "detections", "labelmap", "exclusions", "out"), recipe={"out": "runs/ava-map"},
+            required=("groundtruth", "detections", "labelmap"))
+def ava_map_mode(cfg: options.Config) -> dict:
+    try:
+        scored = ava_eval.score_files(cfg.groundtruth, cfg.detections, cfg.labelmap, cfg.exclusions)
+    except (OSError, ValueError) as e:
+        raise options.UsageError(str(e)) from None
+    scored["per_class"] = {str(k): v for k, v in scored["per_class"].items()}
+    for key in ("names", "num_groundtruth", "num_detections"):
+        scored[key] = {str(k): v for k, v in scored[key].items()}
+    log.info("frame-mAP@0.5 %s", scored["mAP"])
+    return scored

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from vthcl import checkpoint as ckpt
+from vthcl import options
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "task_last.pt"
@@ -60,8 +61,7 @@ def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = options.auto_device(device)
     if device == "cuda":
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)

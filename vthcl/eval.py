@@ -40,14 +40,14 @@ log = logging.getLogger(__name__)
 
 CLI = options.command("vthcl.eval", __doc__)
 # what the protocols below take, and the paper's fine-tuning recipe as this command's defaults
-PROTOCOL = ("checkpoint", "train", "val", "out", "random_init", "single_frame", "arch", "width", "crop_size",
+PROTOCOL = ("init", "checkpoint", "train", "val", "out", "random_init", "single_frame", "arch", "width", "crop_size",
             "epochs", "batch_size", "lr", "num_clips", "workers", "seed", "trust_checkpoint")
 RECIPE = {"epochs": 100, "batch_size": 64, "lr": 0.1, "out": "runs/eval"}
 # A mode is a function of a resolved config, registered with @mode together with the options it takes. A mode
 # of another module (detection, anticipation) declares its own section of options, registers itself the same way
 # and is listed in MODE_MODULES, which this module imports.
 MODES: dict[str, Callable[[options.Config], dict]] = {}
-MODE_MODULES: tuple[str, ...] = ()
+MODE_MODULES: tuple[str, ...] = ("vthcl.detection", "vthcl.anticipation")
 
 
 def mode(name: str, description: str, takes=PROTOCOL, recipe=RECIPE, required=("train", "val")):
@@ -98,12 +98,50 @@ def load_encoder(checkpoint: str | None, random_init: bool = False, arch: str | 
     return encoder.eval(), cfg
 
 
+def encoder_for(cfg: options.Config) -> tuple[Pathway, dict]:
+    """The encoder a mode starts from: ``--init SPEC`` (or ``--checkpoint CK``, which is ``vthcl:CK``), or
+    with ``--random-init`` the same architecture untrained; its architecture and crop are the checkpoint's
+    unless the command line gives them."""
+    if cfg.init and cfg.checkpoint:
+        raise UsageError("give --init or --checkpoint (--checkpoint CK is --init vthcl:CK), not both")
+    spec = cfg.init or cfg.checkpoint
+    if not spec and not cfg.random_init:
+        raise UsageError("give --init (or --checkpoint), or --random-init for the untrained baseline")
+
+    def given(name):  # the checkpoint's own architecture and crop, unless the user gave them
+        return getattr(cfg, name) if name in cfg.given else None
+    try:
+        encoder, enc = load_encoder(spec, cfg.random_init, given("arch"), given("width"), cfg.seed,
+                                    cfg.trust_checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    for name in ("crop_size", "tau", "alpha", "slow_frames"):
+        if given(name):
+            enc[name] = getattr(cfg, name)
+    return encoder, enc
+
+
 def clip_loader(shards, cfg: dict, train: bool, batch_size: int, num_clips: int = 1, num_workers: int | None = 0,
                 seed: int = 0):
     from loaders import build_loader
     return build_loader(shards, backend="pyav", batch_size=batch_size, tau=cfg["tau"], alpha=cfg["alpha"],
                         slow_frames=cfg["slow_frames"], crop_size=cfg["crop_size"], train=train, device="cpu",
                         num_workers=num_workers, seed=seed, num_clips=num_clips)
+
+
+def task_loader(cfg: options.Config, shards, enc: dict, train: bool, rank: int, world: int, device, **sampling):
+    """A downstream task's loader of ``shards``: the clip settings of ``enc`` (the encoder's, or the command
+    line's), this rank's share of ``--batch-size``, the task's sampling options."""
+    from loaders import build_loader
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks")
+    try:
+        return build_loader(shards, backend=cfg.backend, batch_size=cfg.batch_size // world, tau=enc["tau"],
+                            alpha=enc["alpha"], slow_frames=enc["slow_frames"], crop_size=enc["crop_size"],
+                            train=train, device=str(device), rank=rank, world_size=world, num_workers=cfg.workers,
+                            seed=cfg.seed, **sampling)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
 
 
 def single_frame(clip: torch.Tensor) -> torch.Tensor:
@@ -225,22 +263,14 @@ def evaluate(mode: str, encoder, cfg, train, val, single: bool = False, **option
 @mode("linear", "a linear probe on frozen, pooled res5 features of the centre clip")
 def protocol(cfg: options.Config) -> dict:
     """The encoder of ``cfg.checkpoint`` (or an untrained one) evaluated by ``cfg.mode``."""
-    if not cfg.checkpoint and not cfg.random_init:
-        raise UsageError("give --checkpoint, or --random-init for the untrained baseline")
-
-    def given(name):  # the checkpoint's own architecture and crop, unless the user gave them
-        return getattr(cfg, name) if name in cfg.given else None
-    encoder, enc = load_encoder(cfg.checkpoint, cfg.random_init, given("arch"), given("width"), cfg.seed,
-                                cfg.trust_checkpoint)
-    if given("crop_size"):
-        enc["crop_size"] = cfg.crop_size
+    encoder, enc = encoder_for(cfg)
     extra = {"num_workers": cfg.workers}
     if cfg.mode == "finetune":
         extra.update(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, num_clips=cfg.num_clips,
                      seed=cfg.seed, log=log.info)
     result = evaluate(cfg.mode, encoder, enc, cfg.train, cfg.val, cfg.single_frame, **extra)
-    result.update({"checkpoint": cfg.checkpoint, "random_init": cfg.random_init, "single_frame": cfg.single_frame,
-                   "arch": enc["arch"], "width": enc["width"]})
+    result.update({"init": cfg.init or cfg.checkpoint, "random_init": cfg.random_init,
+                   "single_frame": cfg.single_frame, "arch": enc["arch"], "width": enc["width"]})
     return result
 
 
@@ -254,11 +284,13 @@ def run(cfg: options.Config | None = None, /, **values) -> dict:
     ``OUT/<mode>[_random][_single_frame].json``."""
     cfg = options.take("vthcl.eval", cfg, values)
     result = {"mode": cfg.mode, **MODES[cfg.mode](cfg)}
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return result  # (rank 0 writes)
     name = cfg.mode + ("_random" if getattr(cfg, "random_init", False) else "") + (
         "_single_frame" if getattr(cfg, "single_frame", False) else "")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    path = Path(cfg.out) if cfg.out.endswith(".json") else Path(cfg.out) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
     return result
 
 

@@ -30,7 +30,8 @@ def score_checkpoint(model: VTHCL, cfg: dict, per_class: int, seed: int = 0, cla
     """actor_auc per level and pathway on synthetic clips, for ``model`` and for
     a random initialisation of the same architecture (seed ``seed``)."""
     torch.manual_seed(seed)
-    random = VTHCL(cfg["arch"], cfg["width"], cfg["levels"], input=cfg.get("input", "rgb")).eval()
+    random = VTHCL(cfg["arch"], cfg["width"], cfg["levels"], input=cfg.get("input", "rgb"),
+                   head=cfg.get("head", "mlp")).eval()
     clips = list(synthetic_clips(per_class, classes, cfg))
     return {"actor_auc": {"pretrained": score_maps(model, clips, cfg["alpha"]),
                           "random": score_maps(random, clips, cfg["alpha"])},
@@ -68,7 +69,8 @@ def load_model(checkpoint: str, device: str = "cpu", trust: bool = False) -> tup
     only (see vthcl.checkpoint; ``trust``: unpickle in full)."""
     ck = ckpt.load(checkpoint, device, trust=trust)
     cfg = ck["config"]
-    model = VTHCL(cfg["arch"], cfg["width"], cfg["levels"], input=cfg.get("input", "rgb")).to(device)
+    model = VTHCL(cfg["arch"], cfg["width"], cfg["levels"], input=cfg.get("input", "rgb"),
+                  head=cfg.get("head", "mlp")).to(device)
     model.load_state_dict(ck["model"])
     return model.eval(), cfg
 

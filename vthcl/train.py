@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -43,19 +42,10 @@ CLI = options.command(
 
 # ---------------------------------------------------------------------------- setup
 def setup_distributed(cfg):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cfg.device is None:
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
-    return rank, world, device
+    """(rank, world size, device) under torchrun or alone; ``cfg.device`` becomes the one chosen."""
+    from vthcl.downstream import setup_distributed as setup
+    cfg.device = options.auto_device(cfg.device)
+    return setup(cfg.device)
 
 
 def seed_everything(seed: int) -> None:
@@ -151,7 +141,7 @@ def build(cfg, rank: int, world: int, device) -> State:
         raise UsageError(str(e)) from None
     if len(loader) == 0:
         raise UsageError(f"no batches in {cfg.data}")
-    model = VTHCL(cfg.arch, cfg.width, cfg.levels, input=cfg.input).to(device)
+    model = VTHCL(cfg.arch, cfg.width, cfg.levels, input=cfg.input, head=cfg.head).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     bank_cls = ShardedMemoryBank if cfg.shard_banks else MemoryBank
