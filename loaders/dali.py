@@ -41,6 +41,7 @@ out (every decodable sample exactly once).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tarfile
@@ -52,6 +53,7 @@ import torch
 from loaders.base import ClipLoader, crop_from_params
 from loaders.contract import MEAN, STD
 from loaders.fragments import FRAGMENT_MEMBERS, MEMBER_FORMAT
+from loaders.index import distinct
 from loaders.members import MemberIndex, MemberReader
 from loaders.sampling import ClipSampler, ClipSpec, KeyframeClips, sample_rng
 from loaders.shards import Shards
@@ -156,7 +158,7 @@ class _Source:
         if info.epoch_idx > 0 or b >= len(self.batches):
             raise StopIteration
         rows = []
-        for sample in self.batches[b]:
+        for sample in map(int, self.batches[b]):
             try:
                 rows.append(self.sample(sample))
             except Exception as e:  # named for the loader, which leaves the sample out and goes on
@@ -201,10 +203,11 @@ class _Feed:
         return tuple([x] for x in self.items[i])
 
 
-def epoch_batches(order: list[int], batch_size: int, excluded: set[int], train: bool) -> list[list[int]]:
-    """An epoch's sample batches with the excluded samples handled: training
-    puts the last good sample in a lost one's place (the next good one at the
-    start), evaluation leaves it out (a batch that lost every sample is gone)."""
+def epoch_batches(order, batch_size: int, excluded: set[int], train: bool) -> list:
+    """An epoch's sample batches (slices of ``order``, a list or an array)
+    with the excluded samples handled: training puts the last good sample in
+    a lost one's place (the next good one at the start), evaluation leaves
+    it out (a batch that lost every sample is gone)."""
     if train and excluded:
         good = [s for s in order if s not in excluded]
         if not good:
@@ -216,7 +219,7 @@ def epoch_batches(order: list[int], batch_size: int, excluded: set[int], train: 
         order = filled
     elif excluded:
         order = [s for s in order if s not in excluded]
-    return [b for b in (order[i:i + batch_size] for i in range(0, len(order), batch_size)) if b]
+    return [b for b in (order[i:i + batch_size] for i in range(0, len(order), batch_size)) if len(b)]
 
 
 class DALILoader(ClipLoader):
@@ -232,7 +235,7 @@ class DALILoader(ClipLoader):
         self._setup(shards, spec, sampler, batch_size=batch_size, crop_size=crop_size, train=train,
                     normalize=normalize, device=device if self.on_gpu else "cpu", rank=rank,
                     world_size=world_size, seed=seed, channels_last=channels_last, drop_last=drop_last)
-        first = self.sample_video(self.rank_samples()[0])[0]  # (a rank opens its own range's tars only)
+        first = self.sample_video(int(self.rank_sample_array()[0]))[0]  # (a rank opens its own range's tars only)
         check_decodable(shards, "cuda" if self.on_gpu else "cpu",
                         int(np.searchsorted(np.cumsum(shards.counts), first, side="right")))
         self.normalize, self.channels_last = normalize, channels_last
@@ -264,16 +267,17 @@ class DALILoader(ClipLoader):
 
     # ------------------------------------------------------------------ the epoch's samples
     def _source(self, first_batch: int) -> _Source:
-        order = self.shuffled(self.rank_samples())
+        order = self.shuffled(self.rank_sample_array())
         videos = times = None
-        wanted = np.unique(np.asarray(order, dtype=np.int64))
+        wanted = distinct(order)
         if self.events is not None:
             videos, times = self.events.video, self.events.time
-            wanted = np.unique(videos[wanted])
+            wanted = distinct(videos[wanted])
         if self._reader is None or not np.array_equal(self._reader[0], wanted):  # this epoch's range's rows only
-            if self._reader is not None:
-                self._reader[1].close()
-            self._reader = None  # (the last range's rows go before this one's are read)
+            if self._reader is not None:  # the last range's rows go before this one's are read: the last
+                self._reader[1].close()   # epoch's pipeline holds its source in a reference cycle
+                self._reader = None
+                gc.collect()
             self._reader = (wanted, MemberReader(MemberIndex(self.shards, wanted)))
         batches = epoch_batches(order, self.batch_size, self.excluded, self.train)
         return _Source(batches, first_batch, videos, times, self._reader[1], self.sampler, self.seed, self.epoch,
@@ -374,7 +378,7 @@ class DALILoader(ClipLoader):
             bad = {sample: line.split(":", 1)[1].strip()}
         else:
             source = self._source(0)
-            candidates = [s for b in source.batches[failed_from:failed_from + self.prefetch + 1] for s in b]
+            candidates = [int(s) for b in source.batches[failed_from:failed_from + self.prefetch + 1] for s in b]
             bad = self._probe(source, candidates)
             if not bad:
                 raise RuntimeError(message)

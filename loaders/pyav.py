@@ -48,7 +48,7 @@ from webdataset import tariterators
 
 from loaders.base import ClipLoader
 from loaders.fragments import FRAGMENT_MEMBERS, Fragments
-from loaders.index import VIDEO_EXTS, index_rows
+from loaders.index import VIDEO_EXTS, distinct, index_rows
 from loaders.members import MemberIndex, MemberReader
 from loaders.sampling import ClipInfo, ClipSampler, ClipSpec, Crop, sample_rng
 from loaders.shards import Shards
@@ -401,28 +401,28 @@ class PyAVLoader(ClipLoader):
 
     def _reader(self, videos: list[int]) -> MemberReader:
         """A byte-range reader over the videos of this epoch's events (their index rows only)."""
-        key = np.unique(np.asarray(videos, dtype=np.int64))
+        key = distinct(videos)
         if self._readers.get("key") is None or not np.array_equal(self._readers["key"], key):
             if self._readers.get("reader") is not None:
                 self._readers["reader"].close()
             self._readers = {"key": key, "reader": MemberReader(MemberIndex(self.shards, key))}
         return self._readers["reader"]
 
-    def sample_index(self, samples: list[int]) -> SampleIndex:
+    def sample_index(self, samples) -> SampleIndex:
         """The byte ranges of this epoch's samples (their index rows only), kept while the range is the same."""
-        key = np.unique(np.asarray(samples, dtype=np.int64))
+        key = distinct(samples)
         if self._index is None or not np.array_equal(self._index.positions, key):
             self._index = None  # (the last range's rows go before this one's are read)
             self._index = SampleIndex(self.shards, key)
         return self._index
 
     def _dataset(self, skip_samples: int):
-        samples = self.rank_samples()
         if self.events is not None:
-            order = self.shuffled(samples)
+            order = self.shuffled(self.rank_samples())
             videos = [int(self.events.video[e]) for e in order]
             times = [float(self.events.time[e]) for e in order]
             return _EventClips(order, videos, times, self._reader(videos), self._maker(), skip_samples)
+        samples = self.rank_sample_array()
         chunks = self.sample_index(samples).chunks(samples, self.chunk_size if self.train else max(1, len(samples)))
         if self.train:
             random.Random(hash((self.seed, self.epoch, self.rank))).shuffle(chunks)

@@ -166,6 +166,34 @@ def test_index_rows_are_the_same_from_the_index_and_from_the_idx_files(one_sampl
         index_rows(shards, [240])
 
 
+def test_idx_files_of_any_member_layout_are_read_line_by_line(tmp_path, one_sample_shards):
+    """.idx lines listing different members (a mixed or older tar) give the
+    same rows as a tar reader would: a missing member at offset -1, the byte
+    ranges running on; a uniform file parsed in bulk gives what the
+    line-by-line parse gives; a bad line is named."""
+    from loaders.index import _parse_lines, idx_rows
+    idx = tmp_path / "mixed.idx"
+    idx.write_text("v1.2 3\n"
+                   "cls 512 2 a.cls json 1536 30 a.json mp4 2560 1000 a.mp4\n"
+                   "json 4096 20 b.json webm 5120 700 b.webm\n"
+                   "frag_bytes 6656 16 c.frag_bytes mkv 7680 10 c.mkv\n")
+    rows = idx_rows(str(idx), 5)
+    assert rows["shard"].tolist() == [5, 5, 5]
+    assert rows["video_offset"].tolist() == [2560, 5120, 7680] and rows["video_size"].tolist() == [1000, 700, 10]
+    assert rows["cls_offset"].tolist() == [512, -1, -1] and rows["frag_bytes_offset"].tolist() == [-1, -1, 6656]
+    assert rows["lo"].tolist() == [0, 3584, 6144] and rows["hi"].tolist() == [3584, 6144, 8192]
+    uniform = one_sample_shards / "train-000003.idx"
+    lines = uniform.read_text().splitlines(keepends=True)[1:]
+    exts, numbers = _parse_lines(str(uniform), lines)
+    rows = idx_rows(str(uniform), 3)
+    for j, ext in enumerate(exts):
+        m = "video" if ext == "mp4" else ext
+        assert rows[f"{m}_offset"].tolist() == numbers[:, j, 0].tolist()
+    idx.write_text("v1.2 2\ncls 512 2 a.cls\njson x 20 b.json\n")
+    with pytest.raises(ValueError, match=rf"{idx}: line 3: an offset or size is not a number"):
+        idx_rows(str(idx), 0)
+
+
 # --------------------------------------------------------------------------- a rank's files
 @pytest.mark.parametrize("backend", ["pyav", "dali"])
 def test_every_rank_reads_its_range_and_opens_no_other_ranks_files(one_sample_shards, backend):
