@@ -64,7 +64,10 @@ class MemberReader:
         return {**self.__dict__, "_files": OrderedDict(), "_info": OrderedDict()}
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # (at interpreter exit the modules it calls may be gone; the system closes the files)
+            pass
 
     def close(self) -> None:
         """Close the open files (a later read opens them again)."""

@@ -225,6 +225,20 @@ def test_every_rank_reads_its_range_and_opens_no_other_ranks_files(one_sample_sh
     assert sorted(seen) == list(range(SHARDS))
 
 
+def test_dali_reads_the_codec_of_copied_shards_from_its_own_range(one_sample_shards, tmp_path):
+    """Shards packed with --codec copy name no codec in the manifest: the dali
+    backend's CPU check reads the first sample of a tar of the rank's own range."""
+    copy = linked_copy(one_sample_shards, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["settings"]["codec"] = "copy"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with opened_files() as opened:
+            build_loader(str(copy), backend="dali", rank=5, world_size=WORLD, num_workers=1, **SMALL)
+    assert data_files(opened) == {str(copy / f"train-{5 * PER_RANK:06d}.tar")}
+
+
 def test_member_reader_keeps_a_bounded_number_of_files_open(one_sample_shards):
     """A range of more tars than ``max_files``: reads stay right, and no more
     than ``max_files`` of them are open at once (a rank's range can hold more
