@@ -21,7 +21,7 @@ import torch
 
 from loaders.batching import Normalizer
 from loaders.events import EventTable
-from loaders.ranks import rank_indices
+from loaders.ranks import rank_array, rank_indices
 from loaders.sampling import SAMPLERS, ClipSampler, ClipSpec, Crop
 from loaders.shards import Shards
 from loaders.state import EpochState, LoaderStats
@@ -78,8 +78,12 @@ class ClipLoader(EpochState):
         """This rank's samples of the epoch (with the padding repeat of a short range)."""
         return rank_indices(self.total, self.rank, self.world_size, self.epoch if epoch is None else epoch)[0]
 
+    def rank_sample_array(self, epoch: int | None = None) -> np.ndarray:
+        """:meth:`rank_samples` as an int64 array (no Python object per sample)."""
+        return rank_array(self.total, self.rank, self.world_size, self.epoch if epoch is None else epoch)
+
     def samples_per_epoch(self) -> int:
-        return len(self.rank_samples()) * self._views()
+        return -(-self.total // self.world_size) * self._views()  # (every rank reads as many: rank_indices)
 
     def sample_video(self, sample: int) -> tuple[int, float | None]:
         """(the video's manifest position, the event's time or None) of a sample."""
@@ -87,12 +91,14 @@ class ClipLoader(EpochState):
             return sample, None
         return int(self.events.video[sample]), float(self.events.time[sample])
 
-    def shuffled(self, samples: list[int]) -> list[int]:
-        """``samples`` in this epoch's training order (a seeded permutation; as given in evaluation)."""
+    def shuffled(self, samples):
+        """``samples`` (a list, or an array) in this epoch's training order (a
+        seeded permutation; as given in evaluation), as the same type."""
+        array = isinstance(samples, np.ndarray)
         if not self.train:
-            return list(samples)
+            return samples.copy() if array else list(samples)
         order = np.random.default_rng([self.seed, self.epoch, self.rank]).permutation(len(samples))
-        return [samples[i] for i in order]
+        return np.asarray(samples)[order] if array else np.asarray(samples, dtype=np.int64)[order].tolist()
 
     def batch(self, fast, slow, meta: dict, events: list[int] | None = None, crops: list[Crop] | None = None,
               pin_memory: bool = False) -> dict:

@@ -9,7 +9,11 @@ is the sampling policy's (:mod:`loaders.sampling`), as in every backend.
       -> the bytes the views need, read by byte range (os.pread): the init
          segment and the fragments holding the window (KEY.frag_bytes /
          KEY.frag_frames; the whole member where a sample has no table),
-         and the frame ids relative to them (see loaders/fragments.py)
+         and the frame ids relative to them (see loaders/fragments.py);
+         where they lie comes from this epoch's rows of the compact index
+         (loaders/index.py), so a rank opens only its own range's tars, a
+         bounded number at a time, and a new range's rows are read when
+         the next epoch builds its source and pipeline
     fn.decoders.video: the fast sequence decoded from those bytes (device
       "mixed" = NVDEC on a GPU; "cpu" = VP8/VP9/MJPEG only); one cut per
       temporal view ("each") or one covering them all ("cover")
@@ -37,6 +41,7 @@ out (every decodable sample exactly once).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tarfile
@@ -48,6 +53,7 @@ import torch
 from loaders.base import ClipLoader, crop_from_params
 from loaders.contract import MEAN, STD
 from loaders.fragments import FRAGMENT_MEMBERS, MEMBER_FORMAT
+from loaders.index import distinct
 from loaders.members import MemberIndex, MemberReader
 from loaders.sampling import ClipSampler, ClipSpec, KeyframeClips, sample_rng
 from loaders.shards import Shards
@@ -60,36 +66,47 @@ H264_LIKE = {"h264", "hevc", "h265", "mpeg4", "av1"}
 _SAMPLE_ERROR = "vthcl-sample"
 
 
-def _first_codec(shards: Shards) -> str | None:
-    """The codec of the first sample (for shards without a manifest, or codec=copy)."""
-    with tarfile.open(shards.tars[0]) as tar:
+def _first_codec(tar_path: str) -> str | None:
+    """The codec of a tar's first sample (for shards without a manifest, or codec=copy)."""
+    with tarfile.open(tar_path) as tar:
         for member in tar:
             if member.name.endswith(".json"):
                 return json.loads(tar.extractfile(member).read()).get("codec")
     return None
 
 
-def check_decodable(shards: Shards, device: str) -> None:
+def check_decodable(shards: Shards, device: str, shard: int = 0) -> None:
+    """Refuse codecs DALI's CPU decoder cannot read, as the manifest names
+    them, or else as the first sample of tar ``shard`` (a rank's own) says."""
     if device != "cpu":
         return
-    codec = shards.codec
+    codec, tar = shards.codec, shards.tars[shard]
     if codec in (None, "copy"):
-        codec = _first_codec(shards)
+        codec = _first_codec(tar)
     if codec in H264_LIKE:
         raise ValueError(
             f"dali backend on a machine without a GPU: DALI's CPU video decoder reads only VP8/VP9/MJPEG, "
-            f"and these shards are {codec} ({shards.tars[0]}). Use backend=\"pyav\", or pack the shards "
+            f"and these shards are {codec} ({tar}). Use backend=\"pyav\", or pack the shards "
             f"with make_shards --codec vp9.")
 
 
 def has_fragment_tables(shards: Shards) -> bool:
     """True if every sample of ``shards`` carries its fragment table, False if
     none does (shards packed before make_shards wrote them). The manifest says
-    so (``member_format``); without one the .idx files are read (each line
-    names its sample's members). A mix is refused: one graph decodes every
-    sample the same way."""
+    so (``member_format``, or the ``fragment_tables`` shard_tools.reindex
+    records for an older dataset); without a manifest the .idx files are
+    read (each line names its sample's members). A mix is refused: one graph
+    decodes every sample the same way."""
     if shards.manifest.get("member_format") == MEMBER_FORMAT:
         return True
+    recorded = shards.manifest.get("fragment_tables")
+    if recorded in ("all", "none"):
+        return recorded == "all"
+    if recorded == "mixed":
+        raise ValueError(
+            f"dali backend: {shards.manifest_path} says some of its shards carry fragment tables (KEY.frag_bytes, "
+            "KEY.frag_frames) and some do not (packed before make_shards wrote them): one DALI graph decodes "
+            "every sample the same way. Re-pack the older shards with make_shards.")
     found = {}
     for tar in shards.tars:
         with open(shards.idx(tar)) as f:
@@ -125,10 +142,12 @@ class _Source:
     """The graph's input for one epoch of one rank (see the module docstring):
     called with DALI's BatchInfo, it returns per output a list over the batch's
     samples. ``batches``: the epoch's sample batches (excluded samples already
-    replaced or left out); the first ``first_batch`` are skipped (resume)."""
+    replaced or left out); the first ``first_batch`` are skipped (resume).
+    ``videos`` and ``times``: every event's video and time (an event
+    dataset), or None (a sample is its video)."""
 
-    def __init__(self, batches: list[list[int]], first_batch: int, videos: dict[int, int],
-                 times: dict[int, float | None], reader: MemberReader, sampler: ClipSampler, seed: int, epoch: int,
+    def __init__(self, batches: list[list[int]], first_batch: int, videos: np.ndarray | None,
+                 times: np.ndarray | None, reader: MemberReader, sampler: ClipSampler, seed: int, epoch: int,
                  window_cut: bool, view_cut: str):
         self.batches, self.first_batch = batches, first_batch
         self.videos, self.times, self.reader, self.sampler = videos, times, reader, sampler
@@ -139,7 +158,7 @@ class _Source:
         if info.epoch_idx > 0 or b >= len(self.batches):
             raise StopIteration
         rows = []
-        for sample in self.batches[b]:
+        for sample in map(int, self.batches[b]):
             try:
                 rows.append(self.sample(sample))
             except Exception as e:  # named for the loader, which leaves the sample out and goes on
@@ -151,10 +170,11 @@ class _Source:
         per view its crop parameters and frame ids, the slow clip's crop
         parameters (with independent crops), and [sample, video, label,
         bytes read, clamped views]."""
-        video, reader = self.videos[sample], self.reader
+        reader = self.reader
+        video, time = (sample, None) if self.videos is None else (int(self.videos[sample]), float(self.times[sample]))
         before = reader.bytes_read
         info, _ = reader.sample(video)
-        views = self.sampler.views(reader.clip_info(video, self.times[sample]),
+        views = self.sampler.views(reader.clip_info(video, time),
                                    sample_rng(self.seed, self.epoch, sample))
         windows = list({id(v.frame_ids): v.frame_ids for v in views}.values())
         groups = [windows] if self.view_cut == "cover" else [[w] for w in windows]
@@ -183,12 +203,12 @@ class _Feed:
         return tuple([x] for x in self.items[i])
 
 
-def epoch_batches(order: list[int], batch_size: int, excluded: set[int], train: bool,
-                  drop_last: bool = False) -> list[list[int]]:
-    """An epoch's sample batches with the excluded samples handled: training
-    puts the last good sample in a lost one's place (the next good one at the
-    start), evaluation leaves it out (a batch that lost every sample is gone).
-    ``drop_last``: no last batch smaller than the others."""
+def epoch_batches(order, batch_size: int, excluded: set[int], train: bool, drop_last: bool = False) -> list:
+    """An epoch's sample batches (slices of ``order``, a list or an array)
+    with the excluded samples handled: training puts the last good sample in
+    a lost one's place (the next good one at the start), evaluation leaves
+    it out (a batch that lost every sample is gone). ``drop_last``: no last
+    batch smaller than the others."""
     if train and excluded:
         good = [s for s in order if s not in excluded]
         if not good:
@@ -200,7 +220,7 @@ def epoch_batches(order: list[int], batch_size: int, excluded: set[int], train: 
         order = filled
     elif excluded:
         order = [s for s in order if s not in excluded]
-    batches = [b for b in (order[i:i + batch_size] for i in range(0, len(order), batch_size)) if b]
+    batches = [b for b in (order[i:i + batch_size] for i in range(0, len(order), batch_size)) if len(b)]
     return [b for b in batches if len(b) == batch_size] if drop_last else batches
 
 
@@ -214,10 +234,12 @@ class DALILoader(ClipLoader):
             raise ValueError(f"dali backend: view_cut must be one of {VIEW_CUTS}, not {view_cut!r}")
         device = str(device)
         self.on_gpu = device.startswith("cuda")
-        check_decodable(shards, "cuda" if self.on_gpu else "cpu")
         self._setup(shards, spec, sampler, batch_size=batch_size, crop_size=crop_size, train=train,
                     normalize=normalize, device=device if self.on_gpu else "cpu", rank=rank,
                     world_size=world_size, seed=seed, channels_last=channels_last, drop_last=drop_last)
+        first = self.sample_video(int(self.rank_sample_array()[0]))[0]  # (a rank opens its own range's tars only)
+        check_decodable(shards, "cuda" if self.on_gpu else "cpu",
+                        int(np.searchsorted(np.cumsum(shards.counts), first, side="right")))
         self.normalize, self.channels_last = normalize, channels_last
         self.num_threads, self.prefetch = num_threads, prefetch_queue_depth
         # reading is cheap next to decoding: in this process on a CPU, in DALI's workers beside a GPU
@@ -247,12 +269,17 @@ class DALILoader(ClipLoader):
 
     # ------------------------------------------------------------------ the epoch's samples
     def _source(self, first_batch: int) -> _Source:
-        order = self.shuffled(self.rank_samples())
-        videos, times = {}, {}
-        for s in order:
-            videos[s], times[s] = self.sample_video(s)
-        wanted = tuple(sorted(set(videos.values())))
-        if self._reader is None or self._reader[0] != wanted:  # this epoch's range: its tars' indices only
+        order = self.shuffled(self.rank_sample_array())
+        videos = times = None
+        wanted = distinct(order)
+        if self.events is not None:
+            videos, times = self.events.video, self.events.time
+            wanted = distinct(videos[wanted])
+        if self._reader is None or not np.array_equal(self._reader[0], wanted):  # this epoch's range's rows only
+            if self._reader is not None:  # the last range's rows go before this one's are read: the last
+                self._reader[1].close()   # epoch's pipeline holds its source in a reference cycle
+                self._reader = None
+                gc.collect()
             self._reader = (wanted, MemberReader(MemberIndex(self.shards, wanted)))
         batches = epoch_batches(order, self.batch_size, self.excluded, self.train, self.drop_last)
         return _Source(batches, first_batch, videos, times, self._reader[1], self.sampler, self.seed, self.epoch,
@@ -355,7 +382,7 @@ class DALILoader(ClipLoader):
             bad = {sample: line.split(":", 1)[1].strip()}
         else:
             source = self._source(0)
-            candidates = [s for b in source.batches[failed_from:failed_from + self.prefetch + 1] for s in b]
+            candidates = [int(s) for b in source.batches[failed_from:failed_from + self.prefetch + 1] for s in b]
             bad = self._probe(source, candidates)
             if not bad:
                 raise RuntimeError(message)

@@ -1,17 +1,15 @@
 """Reading a sample's members by byte range: the bytes a clip needs, not the member.
 
-The DALI index beside each tar (``KEY.idx``, see
-:mod:`shard_tools.wds_index`) says where every member's bytes lie. A
-:class:`MemberIndex` holds those offsets for the samples one loader reads
-(their tars' indices only), and a :class:`MemberReader` reads with
-``os.pread``: a sample's json and fragment table, then for a clip only the
-init segment and the fragments its window needs (a 256p 15-minute member is
-about 100 MB; a clip's window is a few hundred kB of it). ``bytes_read``
-counts what was read.
+A :class:`MemberIndex` holds where the members of the samples one loader
+reads lie (their rows of the dataset's compact index, :mod:`loaders.index`;
+without one, the DALI ``.idx`` files of their tars), and a
+:class:`MemberReader` reads with ``os.pread``: a sample's json and fragment
+table, then for a clip only the init segment and the fragments its window
+needs (a 256p 15-minute member is about 100 MB; a clip's window is a few
+hundred kB of it). ``bytes_read`` counts what was read.
 """
 from __future__ import annotations
 
-import bisect
 import json
 import os
 from collections import OrderedDict
@@ -19,10 +17,10 @@ from collections import OrderedDict
 import numpy as np
 
 from loaders.fragments import FRAGMENT_MEMBERS, Fragments
+from loaders.index import index_rows
 from loaders.sampling import ClipInfo
 from loaders.shards import Shards
 
-VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 MEMBERS = ("video", "json", *FRAGMENT_MEMBERS)
 
 
@@ -31,30 +29,11 @@ class MemberIndex:
 
     def __init__(self, shards: Shards, positions=None):
         self.tars = shards.tars
-        starts = np.concatenate([[0], np.cumsum(shards.counts)])
-        wanted = np.unique(np.asarray(list(range(shards.total)) if positions is None else list(positions),
-                                      dtype=np.int64))
-        self.positions = wanted
-        n = len(wanted)
-        self.tar_id = np.zeros(n, np.int32)
-        self.offset = {m: np.full(n, -1, np.int64) for m in MEMBERS}
-        self.size = {m: np.zeros(n, np.int64) for m in MEMBERS}
-        for t in np.unique(np.searchsorted(starts, wanted, side="right") - 1):
-            lo, hi = np.searchsorted(wanted, [starts[t], starts[t + 1]])
-            if lo == hi:
-                continue
-            with open(shards.idx(self.tars[t])) as f:
-                f.readline()
-                for k, line in enumerate(f):
-                    i = bisect.bisect_left(wanted, starts[t] + k, int(lo), int(hi))
-                    if i == hi or wanted[i] != starts[t] + k:
-                        continue
-                    self.tar_id[i] = t
-                    parts = line.split()
-                    for j in range(0, len(parts), 4):
-                        ext = "video" if parts[j] in VIDEO_EXTS else parts[j]
-                        if ext in self.offset:
-                            self.offset[ext][i], self.size[ext][i] = int(parts[j + 1]), int(parts[j + 2])
+        fields = tuple(f"{m}_{part}" for m in MEMBERS for part in ("offset", "size"))
+        self.positions, rows = index_rows(shards, range(shards.total) if positions is None else positions, fields)
+        self.tar_id = rows["shard"]
+        self.offset = {m: rows[f"{m}_offset"] for m in MEMBERS}
+        self.size = {m: rows[f"{m}_size"] for m in MEMBERS}
 
     def row(self, position: int) -> int:
         i = int(np.searchsorted(self.positions, position))
@@ -68,29 +47,43 @@ class MemberIndex:
 
 
 class MemberReader:
-    """``os.pread`` of members and of a clip's byte ranges; files open lazily
-    and stay open (a loader reads only its own range's tars). Picklable: a
-    copy in another process opens its own files."""
+    """``os.pread`` of members and of a clip's byte ranges. Files open lazily
+    (only the tars of the samples indexed: a loader's own range) and the
+    ``max_files`` used last stay open: a rank's range of a large dataset
+    holds more tars than a process may keep open (``ulimit -n``), and a
+    shuffled epoch visits them in any order. Picklable: a copy in another
+    process opens its own files."""
 
-    def __init__(self, index: MemberIndex, cache: int = 256):
-        self.index, self.cache_size = index, cache
-        self._files: dict[int, int] = {}
+    def __init__(self, index: MemberIndex, cache: int = 256, max_files: int = 64):
+        self.index, self.cache_size, self.max_files = index, cache, max(1, max_files)
+        self._files: OrderedDict[int, int] = OrderedDict()
         self._info: OrderedDict = OrderedDict()
         self.bytes_read = 0
 
     def __getstate__(self):
-        return {**self.__dict__, "_files": {}, "_info": OrderedDict()}
+        return {**self.__dict__, "_files": OrderedDict(), "_info": OrderedDict()}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # (at interpreter exit the modules it calls may be gone; the system closes the files)
+            pass
 
     def close(self) -> None:
-        for fd in self._files.values():
+        """Close the open files (a later read opens them again)."""
+        files, self._files = getattr(self, "_files", {}), OrderedDict()
+        for fd in files.values():
             os.close(fd)
-        self._files = {}
 
     def _pread(self, row: int, offset: int, size: int) -> bytes:
         t = int(self.index.tar_id[row])
         fd = self._files.get(t)
         if fd is None:
-            fd = self._files[t] = os.open(self.index.tars[t], os.O_RDONLY)
+            if len(self._files) >= self.max_files:
+                os.close(self._files.popitem(last=False)[1])
+            fd = self._files[t] = os.open(self.index.tars[t], os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            self._files.move_to_end(t)
         data = os.pread(fd, size, offset)
         if len(data) != size:
             raise ValueError(f"{self.index.tars[t]}: {size} bytes at {offset} run past the end of the file "

@@ -2,7 +2,8 @@
 
 Stages (one readable pipeline, webdataset-style), for a video dataset::
 
-    this rank's samples (contiguous manifest ranges, from the .idx byte offsets)
+    this rank's samples (contiguous manifest ranges; their byte ranges from
+      their rows of the compact index, loaders/index.py)
       -> chunks of consecutive samples, shuffled           (train)
       -> split by DataLoader worker
       -> tar byte ranges -> webdataset tar expander -> group by key
@@ -47,7 +48,8 @@ from webdataset import tariterators
 
 from loaders.base import ClipLoader
 from loaders.fragments import FRAGMENT_MEMBERS, Fragments
-from loaders.members import VIDEO_EXTS, MemberIndex, MemberReader
+from loaders.index import VIDEO_EXTS, distinct, index_rows
+from loaders.members import MemberIndex, MemberReader
 from loaders.sampling import ClipInfo, ClipSampler, ClipSpec, Crop, sample_rng
 from loaders.shards import Shards
 from loaders.state import Timer
@@ -55,41 +57,36 @@ from loaders.state import Timer
 
 # --------------------------------------------------------------------------- byte ranges
 class SampleIndex:
-    """Per global sample (manifest order): its tar and the byte range of its members."""
+    """Per sample asked for (manifest positions; default: all): its tar and
+    the byte range of its members — rows of the compact index
+    (:mod:`loaders.index`), or of the .idx files of the tars that hold them."""
 
-    def __init__(self, shards: Shards):
+    def __init__(self, shards: Shards, positions=None):
         self.tars = shards.tars
-        tar_id, lo, hi = [], [], []
-        for t, tar in enumerate(shards.tars):
-            with open(shards.idx(tar)) as f:
-                f.readline()
-                prev_end = 0
-                for line in f:
-                    parts = line.split()
-                    ends = [int(parts[i + 1]) + int(parts[i + 2]) for i in range(0, len(parts), 4)]
-                    end = -(-max(ends) // 512) * 512
-                    tar_id.append(t)
-                    lo.append(prev_end)
-                    hi.append(end)
-                    prev_end = end
-        self.tar_id = np.asarray(tar_id)
-        self.lo = np.asarray(lo, dtype=np.int64)
-        self.hi = np.asarray(hi, dtype=np.int64)
+        self.positions, rows = index_rows(shards, range(shards.total) if positions is None else positions,
+                                          ("lo", "hi"))
+        self.tar_id = rows["shard"].copy()
+        self.lo, self.hi = rows["lo"].copy(), rows["hi"].copy()
 
     def __len__(self) -> int:
-        return len(self.tar_id)
+        return len(self.positions)
 
-    def chunks(self, positions: list[int], max_len: int) -> list[tuple[str, int, int]]:
-        """Runs of consecutive positions in one tar, as (tar, byte lo, byte hi)."""
-        out, run = [], []
-        for p in positions:
-            if run and (p != run[-1] + 1 or self.tar_id[p] != self.tar_id[run[0]] or len(run) >= max_len):
-                out.append(run)
-                run = []
-            run.append(p)
-        if run:
-            out.append(run)
-        return [(self.tars[self.tar_id[r[0]]], int(self.lo[r[0]]), int(self.hi[r[-1]])) for r in out]
+    def chunks(self, positions, max_len: int) -> list[tuple[str, int, int]]:
+        """Runs of consecutive positions in one tar, at most ``max_len`` long, as (tar, byte lo, byte hi)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if not len(positions):
+            return []
+        rows = np.searchsorted(self.positions, positions)
+        if (rows >= len(self.positions)).any() or (self.positions[np.minimum(rows, len(self.positions) - 1)]
+                                                   != positions).any():
+            raise KeyError("positions outside this index")
+        tar = self.tar_id[rows]
+        starts = np.flatnonzero(np.concatenate([[True], (np.diff(positions) != 1) | (np.diff(tar) != 0)]))
+        ends = np.append(starts[1:], len(positions))
+        pieces = []
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            pieces += [(k, min(k + max_len, b)) for k in range(a, b, max_len)]
+        return [(self.tars[int(tar[a])], int(self.lo[rows[a]]), int(self.hi[rows[b - 1]])) for a, b in pieces]
 
 
 class _Range(io.RawIOBase):
@@ -396,27 +393,37 @@ class PyAVLoader(ClipLoader):
         # the whole member (both measured side by side in the loader benchmark)
         self.window_cut = window_cut is not False
         self.pin_memory = (self.device.type == "cuda") if pin_memory is None else pin_memory
-        self.index = SampleIndex(shards) if self.events is None else None
+        self._index: SampleIndex | None = None  # this epoch's range (ranges rotate across epochs)
         self._readers: dict = {}
 
     def _maker(self) -> ClipMaker:
         return ClipMaker(self.sampler, self.seed, self.epoch, self.decode_threads, self.window_cut)
 
     def _reader(self, videos: list[int]) -> MemberReader:
-        """A byte-range reader over the videos of this epoch's events (their tars' indices only)."""
-        key = tuple(sorted(set(videos)))
-        if key not in self._readers:
-            self._readers = {key: MemberReader(MemberIndex(self.shards, key))}
-        return self._readers[key]
+        """A byte-range reader over the videos of this epoch's events (their index rows only)."""
+        key = distinct(videos)
+        if self._readers.get("key") is None or not np.array_equal(self._readers["key"], key):
+            if self._readers.get("reader") is not None:
+                self._readers["reader"].close()
+            self._readers = {"key": key, "reader": MemberReader(MemberIndex(self.shards, key))}
+        return self._readers["reader"]
+
+    def sample_index(self, samples) -> SampleIndex:
+        """The byte ranges of this epoch's samples (their index rows only), kept while the range is the same."""
+        key = distinct(samples)
+        if self._index is None or not np.array_equal(self._index.positions, key):
+            self._index = None  # (the last range's rows go before this one's are read)
+            self._index = SampleIndex(self.shards, key)
+        return self._index
 
     def _dataset(self, skip_samples: int):
-        samples = self.rank_samples()
         if self.events is not None:
-            order = self.shuffled(samples)
+            order = self.shuffled(self.rank_samples())
             videos = [int(self.events.video[e]) for e in order]
             times = [float(self.events.time[e]) for e in order]
             return _EventClips(order, videos, times, self._reader(videos), self._maker(), skip_samples)
-        chunks = self.index.chunks(samples, self.chunk_size if self.train else max(1, len(samples)))
+        samples = self.rank_sample_array()
+        chunks = self.sample_index(samples).chunks(samples, self.chunk_size if self.train else max(1, len(samples)))
         if self.train:
             random.Random(hash((self.seed, self.epoch, self.rank))).shuffle(chunks)
         return _Clips(chunks, self._maker(), self.shuffle_buffer, skip_samples, self.seed, self.epoch, self.rank)

@@ -1,5 +1,13 @@
 """Finding shards: a manifest.json, a shard folder, a brace pattern or a list
-of tars, with their sample counts (from the DALI .idx files beside them)."""
+of tars, with their sample counts.
+
+A manifest lists its tars and their counts, and names the dataset's compact
+index (:mod:`loaders.index`): resolving it opens no ``.idx`` file, whatever the
+dataset's size. A folder without a manifest, a brace pattern or a list of tars
+has no such list: every tar's ``.idx`` is opened for its count (and the
+loaders read member offsets from the ``.idx`` files), which is fine for small
+sets of tars; a large dataset is loaded through its manifest.
+"""
 from __future__ import annotations
 
 import glob
@@ -10,10 +18,14 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Shards:
-    """Tars in manifest order, their sample counts and what the manifest says."""
+    """Tars in manifest order, their sample counts and what the manifest says;
+    ``manifest_path`` where they were resolved from a manifest, ``index``
+    the compact index it names (:mod:`loaders.index`)."""
     tars: list[str]
     counts: list[int]
     manifest: dict = field(default_factory=dict)
+    manifest_path: str | None = None
+    index: str | None = None
 
     @property
     def total(self) -> int:
@@ -62,7 +74,8 @@ def resolve_shards(shards) -> Shards:
             missing = [t for t in tars if not os.path.exists(t)]
             if missing:
                 raise FileNotFoundError(f"{shards}: shard {missing[0]} is missing")
-            return Shards(tars, counts, manifest)
+            index = manifest.get("index_file")
+            return Shards(tars, counts, manifest, os.path.abspath(shards), os.path.join(root, index) if index else None)
         if os.path.isdir(shards):
             tars = sorted(glob.glob(os.path.join(shards, "*.tar")))
             if not tars:

@@ -31,8 +31,10 @@ GOPs) gets the one-fragment table [0, size] / [0, num_frames]: decoded
 whole, ``window_cut`` false in its json, counted in the summary.
 
 Beside each tar a DALI index ``.idx`` (the format of DALI's ``wds2idx``); in
-OUT ``manifest.json``, ``classes.txt`` and ``failed.jsonl`` (one line per input
-that was not packed, with the reason). Exit code 0: all packed, 3: some
+OUT ``manifest.json``, ``classes.txt``, ``failed.jsonl`` (one line per input
+that was not packed, with the reason) and ``index.npy``, the compact index
+the manifest names (every sample's members, one row per sample: a rank reads
+its own rows, see loaders/index.py). Exit code 0: all packed, 3: some
 failed, 2: usage error.
 
 A shard is written as ``*.tmp`` and renamed when complete; a small state file
@@ -71,6 +73,7 @@ from tqdm import tqdm
 from loaders.fragments import MEMBER_FORMAT
 from loaders.system import atomic_write_text, cores
 from shard_tools.lock import lock_name, writer_lock
+from shard_tools.reindex import index_fields
 from shard_tools.sources import EventVideos, Sample, UsageError, discover, events_layout
 from shard_tools.transcode import BadVideo, EncodeSettings, transcode
 from shard_tools.wds_index import write_index
@@ -340,6 +343,8 @@ def write_outputs(out: str, names: Names, state: dict, classes: list[str], setti
         manifest.update(part=names.part, parts=names.parts, inputs=state["inputs"], complete=state["complete"])
     else:
         atomic_write_text(os.path.join(out, "classes.txt"), "".join(c + "\n" for c in classes))
+        if shards:  # the compact index a rank reads its rows from (a part's rows are merge_parts' to write)
+            manifest.update(index_fields(out, manifest))
     atomic_write_text(os.path.join(out, names.manifest), json.dumps(manifest, indent=1, ensure_ascii=False))
 
 

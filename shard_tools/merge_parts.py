@@ -16,7 +16,8 @@ complete, this writes what a single run writes:
   index (as in a single run), so there are no holes: bank rows 0 .. n-1 are
   all videos, and no negative is ever drawn from a row without one;
 - ``manifest.json`` (shards, totals, classes, settings, pattern, ``parts``),
-  ``classes.txt`` and ``failed.jsonl`` (every part's reports, in order).
+  ``classes.txt``, ``failed.jsonl`` (every part's reports, in order) and
+  ``index.npy``, the compact index the manifest names (loaders/index.py).
 
 Each step can be redone: a merge that was killed is finished by running it
 again (indices are written, not added; a shard already renamed is found by
@@ -51,6 +52,7 @@ from shard_tools.make_shards import (
     brace_pattern,
     events_name,
 )
+from shard_tools.reindex import index_fields
 from shard_tools.sources import UsageError
 from vthcl import options
 
@@ -176,6 +178,8 @@ def _merge(out: str) -> dict:
         atomic_write_text(os.path.join(out, EVENTS_FILE), "".join(line + "\n" for line in events))
     atomic_write_text(os.path.join(out, "failed.jsonl"), "".join(line + "\n" for line in failed))
     atomic_write_text(os.path.join(out, "classes.txt"), "".join(c + "\n" for c in classes))
+    if shards:
+        manifest.update(index_fields(out, manifest))
     atomic_write_text(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1, ensure_ascii=False))
     return manifest
 

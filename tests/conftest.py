@@ -147,7 +147,8 @@ def old_format_copy(src: Path, dst: Path) -> Path:
         write_index(str(dst / tar.name), str(dst / tar.with_suffix(".idx").name))
     import json
     manifest = json.loads((src / "manifest.json").read_text())
-    manifest.pop("member_format")  # (the manifests of that time did not name a member format)
+    manifest.pop("member_format")  # (the manifests of that time named no member format and no compact index)
+    manifest.pop("index_file")
     (dst / "manifest.json").write_text(json.dumps(manifest))
     return dst
 

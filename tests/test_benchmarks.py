@@ -221,15 +221,28 @@ def test_videos_are_found_in_a_dataset_tree_or_a_flat_folder(videos, real_tree, 
 
 
 def test_scale_simulation_quick(tmp_path):
-    """The scale suite's small run: the shard index probes on sparse shards, and
-    a 2-rank sharded bank whose counted traffic and bank bytes are the formula's."""
+    """The scale suite's small run: the shard index probes on sparse shards,
+    each rank's own rows and files under a 1,024-file limit, and a 2-rank
+    sharded bank whose counted traffic and bank bytes are the formula's."""
     pytest.importorskip("nvidia.dali")
     from benchmarks import scale
     doc = json.loads(scale.run(tmp_path, quick=True).read_text())
-    for kind in ("manifest", "sample_index", "fragment_check", "dali_reader"):
+    for kind in ("manifest", "sample_index", "fragment_check", "dali_reader", "write_index"):
         for n in (100, 1000):
             r = doc["results"][f"{kind}_{n}_shards"]
             assert r["samples"] == n * scale.SAMPLES_PER_SHARD and r["seconds"] >= 0, (kind, n, r)
+    total = 1000 * scale.SAMPLES_PER_SHARD
+    for world in scale.WORLDS:
+        for backend in ("pyav", "dali"):
+            r = doc["results"][f"rank_{backend}_{world}_ranks_1000_shards"]
+            assert r["samples"] == -(-total // world) and r["open_files_limit"] == 1024, r
+            assert r["startup_files"] == {"tars": 0, "tars_outside_range": 0, "idx": 0,
+                                          "other": ["index.npy", "manifest.json"]}, r
+            read = r["read"]["files"]
+            assert read["tars"] >= 1 and read["tars_outside_range"] == read["idx"] == 0, r
+            assert r["read"]["peak_fds"] <= r["fds_before"] + 64 + 2, r  # the reader's bound, whatever the range
+    assert doc["results"]["rank_dali_8_ranks_1000_shards"]["epoch_boundary_files"]["tars_outside_range"] == 0
+    assert all(g["own_range_only"] and g["open_files"] for g in doc["results"]["goals_1000_shards"].values())
     bank = doc["results"]["sharded_bank_20000_rows_2_ranks"]
     for key in ("bank_mb_per_rank", "received_mb_per_step_per_rank"):
         assert bank[key] == pytest.approx(bank["formula"][key], rel=0.01), key

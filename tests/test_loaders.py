@@ -16,6 +16,7 @@ from loaders import build_loader
 from loaders.batching import Normalizer
 from loaders.ranks import rank_indices
 from loaders.sampling import ClipSpec
+from shard_tools.reindex import reindex
 from shard_tools.wds_index import write_index
 from tests import media
 
@@ -373,6 +374,7 @@ def corrupt_copy(src: Path, dst: Path, victim_ext: str, how: str = "replace") ->
                 m.size = len(data)
             t.addfile(m, io.BytesIO(data))
     write_index(str(tar), str(tar.with_suffix(".idx")))
+    reindex(str(dst))  # (the rewritten tar's members moved: the compact index follows)
     return victim.split(".")[0]
 
 

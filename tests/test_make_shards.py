@@ -715,6 +715,11 @@ def test_parts_packed_apart_and_merged_equal_one_run(videos, tmp_path):
     assert [json.loads(line)["source"] for line in (parted / "failed.jsonl").read_text().splitlines()] == \
         ["b/broken.mp4"]
     assert sorted(p.name for p in parted.glob("*.tar")) == [s["path"] for s in mb["shards"]]
+    rows = np.load(parted / mb["index_file"])  # the compact index of the merged shards: row k is sample k
+    for k, row in enumerate(rows):
+        tar = (parted / mb["shards"][row["shard"]]["path"]).read_bytes()
+        assert json.loads(tar[row["json_offset"]:row["json_offset"] + row["json_size"]])["index"] == k
+    assert len(rows) == 5
     urls = str(parted / mb["pattern"])  # plain webdataset and the loaders read the merged dataset
     assert len([s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)]) == 5
     assert sorted(i for batch in build_loader(str(parted), backend="pyav", batch_size=4, device="cpu",

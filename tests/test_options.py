@@ -42,7 +42,7 @@ def _xfail_pending(module: str):
 def test_every_job_has_a_console_script():
     assert set(SCRIPTS) == {"vthcl-train", "vthcl-eval", "vthcl-demo", "vthcl-icm-maps", "vthcl-make-shards",
                             "vthcl-merge-parts", "vthcl-ray-pack", "vthcl-make-ffcv", "vthcl-make-synthetic",
-                            "vthcl-bench", "vthcl-export"}
+                            "vthcl-bench", "vthcl-export", "vthcl-reindex"}
     for module in SCRIPTS.values():
         assert callable(importlib.import_module(module).main)
 
