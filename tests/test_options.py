@@ -165,7 +165,8 @@ def test_defaults_owned_elsewhere_are_read_from_there():
 @pytest.mark.parametrize("module,argv,message", [
     ("vthcl.train", ["--bogus"], r"vthcl\.train: error: unrecognized arguments: --bogus \(see vthcl\.train --help\)"),
     ("vthcl.train", ["--backend", "pyav", "--quiet"], r"vthcl\.train: error: --data SHARDS is required"),
-    ("vthcl.eval", ["knn", "--train", "a", "--val", "b"], r"vthcl\.eval: error: give --checkpoint, or --random-init"),
+    ("vthcl.eval", ["knn", "--train", "a", "--val", "b"],
+     r"vthcl\.eval: error: give --init \(or --checkpoint\), or --random-init"),
     ("benchmarks.run", ["--suite", "e2e"], r"benchmarks\.run: error: --suite e2e needs --shards"),
     ("shard_tools.make_synthetic", [], r"shard_tools\.make_synthetic: error: .*OUT"),
 ])

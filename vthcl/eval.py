@@ -113,6 +113,8 @@ def encoder_for(cfg: options.Config) -> tuple[Pathway, dict]:
     try:
         encoder, enc = load_encoder(spec, cfg.random_init, given("arch"), given("width"), cfg.seed,
                                     cfg.trust_checkpoint)
+    except UsageError:  # (a refused checkpoint is one: it says what to do)
+        raise
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     for name in ("crop_size", "tau", "alpha", "slow_frames"):
