@@ -232,6 +232,29 @@ def _window_cut_ratios(results: dict) -> dict:
     }
 
 
+def _keyframe_configs(videos: Path, tmp: Path, device: str, workers: int, common: dict, epochs: int, cap: float,
+                      quick: bool) -> dict:
+    """AVA keyframe clips/s from shards: a long video (the first real one played to 2 or 10 minutes) packed
+    as an AVA event dataset, a keyframe every second; training clips (the keyframe window, a random crop)
+    of the slow clip alone (alpha 1), from pyav and from dali."""
+    from benchmarks import long_video as lv
+    seconds = 120 if quick else 600
+    video = lv.long_video(videos, tmp, seconds)
+    found = {"pyav": lv.pack_events(video, tmp, "h264", seconds, workers)}
+    if device == "cuda":
+        found["dali"] = found["pyav"]
+    else:
+        try:
+            import nvidia.dali  # noqa: F401
+            found["dali"] = lv.pack_events(video, tmp, "vp9", seconds, workers)
+        except ImportError:
+            pass
+    keyframe = dict(common, alpha=1)
+    return {f"ava_keyframes_{backend}": (lambda b=backend, path=str(path): _rate_loader(
+        lambda: build_loader(path, backend=b, num_workers=workers, **keyframe), epochs, cap))
+        for backend, path in found.items()}
+
+
 def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str | None = None,
         workers: int | None = None) -> Path:
     workers = workers or cores()
@@ -288,6 +311,7 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
                                            max(1, copies // 2)))
     except ImportError:
         notes.append("nvidia-dali is not installed: no dali figure")
+    configs.update(_keyframe_configs(videos, tmp, device, workers, common, epochs, cap, quick))
     ffcv_sizes = None
     try:
         import ffcv  # noqa: F401
@@ -328,6 +352,8 @@ def run(videos: Path, out: Path, quick: bool, device: str = "cpu", shards: str |
             ratios["dali_no_bframes_over_dali"] = ratio(results, "dali_mixed_h264_no_bframes", dali)
         if "dali_cut_long" in configs:
             ratios.update(_window_cut_ratios(results))
+        if "ava_keyframes_dali" in configs:
+            ratios["ava_keyframes_dali_over_pyav"] = ratio(results, "ava_keyframes_dali", "ava_keyframes_pyav")
         if "ffcv" in configs:
             ratios["ffcv_over_pyav"] = ratio(results, "ffcv", "pyav")
             ratios["ffcv_beton_over_tars"] = ffcv_sizes["beton_over_tars"]

@@ -1,5 +1,7 @@
 """`step` suite: train-step clips/s on synthetic input (R18/R50, fp32 vs bf16,
-channels_last_3d on/off, torch.compile on/off); the data costs nothing here.
+channels_last_3d on/off, torch.compile on/off), and AVA detection's step
+(vthcl.eval detect: the dilated slow encoder and the RoI head, 8 frames, 4
+boxes a clip); the data costs nothing here.
 
 On a GPU at the paper's settings (crop 224, 8+16 frames, N=16384, 240k-video
 banks); on a CPU a small configuration (the ratios, not the absolute figures,
@@ -50,6 +52,40 @@ class Trainer:
             train_step(self.forward, self.bank, self.optimizer, self.scaler, batch, self.amp)
         finally:
             torch.backends.cudnn.allow_tf32 = tf32
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+class DetectionTrainer:
+    """vthcl.eval detect's model and step (the slow encoder with res5 dilated, the RoI head, BCE) on the
+    slow clip of a synthetic batch with ``boxes`` boxes per clip."""
+
+    def __init__(self, arch: str, width: int, precision: str, device: str, boxes: int = 4, classes: int = 80):
+        from vthcl.detection import Detector
+        from vthcl.model import Pathway
+        self.device = torch.device(device)
+        self.model = Detector(Pathway(arch, width, slow=True, res5_dilation=2), classes).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-7)
+        self.amp, self.boxes, self.classes = AMP[precision], boxes, classes
+
+    def __call__(self, batch: dict) -> None:
+        from vthcl.detection import pixel_boxes
+        clips = batch["slow"]
+        b, h, w = clips.shape[0], clips.shape[-2], clips.shape[-1]
+        g = torch.Generator().manual_seed(0)
+        corner = torch.rand(b * self.boxes, 2, generator=g) * 0.5
+        boxes = torch.cat([corner, corner + 0.3 + 0.2 * torch.rand(b * self.boxes, 2, generator=g)], 1).clamp(0, 1)
+        index = torch.arange(b).repeat_interleave(self.boxes)
+        rois = pixel_boxes(boxes, index, torch.tensor([[h, w]] * b)).to(self.device)
+        labels = (torch.rand(len(rois), self.classes, generator=g) < 0.05).float().to(self.device)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.model(clips, rois)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -123,6 +159,20 @@ def run(out: Path, quick: bool, device: str = "cpu") -> Path:
                 trainer = Trainer(arch, width, precision, cl, comp, device, n)
                 data = endless(build_loader(None, backend="synthetic", num_videos=n, batch_size=batch,
                                             crop_size=crop, device=device))
+                results[name] = summarize([measure_steps(trainer, data, warmup, steps, max_seconds)
+                                           for _ in range(repeats)])
+                progress(f"{name}: {results[name]['median']:.4g} clips/s")
+            except Exception as e:
+                results[name] = failure(e)
+            trainer = data = None
+            report(results, False)
+    for arch in archs:  # AVA detection's step (vthcl.eval detect), 8 frames, the slow clip alone
+        for precision in ("fp32", "bf16") if gpu else ("fp32",):
+            name = f"{arch}_detect_{precision}"
+            try:
+                trainer = DetectionTrainer(arch, width, precision, device)
+                data = endless(build_loader(None, backend="synthetic", num_videos=n, batch_size=batch,
+                                            crop_size=crop, device=device, alpha=1))
                 results[name] = summarize([measure_steps(trainer, data, warmup, steps, max_seconds)
                                            for _ in range(repeats)])
                 progress(f"{name}: {results[name]['median']:.4g} clips/s")

@@ -50,6 +50,17 @@ def test_step_trainer_runs_on_cpu():
     assert not torch.equal(before, trainer.bank.banks)
 
 
+def test_detection_step_trains_the_roi_head_on_cpu():
+    from benchmarks.step import DetectionTrainer, endless, measure_steps
+    from loaders import build_loader
+    trainer = DetectionTrainer("r18", 8, "fp32", "cpu", classes=5)
+    data = endless(build_loader(None, backend="synthetic", num_videos=8, batch_size=2, crop_size=64, device="cpu",
+                                alpha=1))
+    before = trainer.model.head.projection.weight.clone()
+    assert measure_steps(trainer, data, warmup=1, steps=1) > 0
+    assert not torch.equal(before, trainer.model.head.projection.weight)
+
+
 def test_run_refuses_a_suite_without_its_inputs(capsys):
     from benchmarks.run import main, run
     from vthcl.options import UsageError
