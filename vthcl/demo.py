@@ -1,5 +1,6 @@
 """The one-command demo: synthetic tempo videos -> shards -> VTHCL pretraining ->
-linear probe and kNN against random initialisation -> a report.
+linear probe and kNN against random initialisation -> detection (AVA format)
+and anticipation (EPIC format) fine-tuned from both -> a report.
 
     python -m vthcl.demo [--out runs/demo] [--seed 0] [--quick] [--alpha 1|2|4] [--levels 1|2|3] [--ablation]
 
@@ -44,6 +45,21 @@ PRESETS = {
 }
 
 
+# the downstream tasks on the embedded long videos (shard_tools.synthetic_tasks), sized to the demo's time: the
+# data (make_synthetic's options) and the fine-tuning (vthcl.eval's), the same for both initialisations
+TASKS = {
+    "default": {"ava": {"videos": 4, "val_videos": 2, "duration": 30},
+                "epic": {"videos": 2, "val_videos": 1, "participants": 2, "duration": 40},
+                "detect": {"epochs": 3, "milestones": [2]}, "anticipate": {"epochs": 4, "milestones": [3]}},
+    "quick": {"ava": {"videos": 1, "val_videos": 1, "duration": 10},
+              "epic": {"videos": 1, "val_videos": 1, "participants": 1, "duration": 12},
+              "detect": {"epochs": 1}, "anticipate": {"epochs": 1}},
+}
+# what both tasks fine-tune with: the pretraining's crop, the shards' short side for AVA's whole frames
+TUNING = {"batch_size": 8, "crop_size": 56, "lr": 0.05, "warmup_epochs": 0.5, "weight_decay": 1e-4, "workers": 2,
+          "quiet": True}
+
+
 def pretrain(data: Path, out: Path, seed: int, alpha: int, levels: int, epochs: int, batch: int = 16,
              input: str = "rgb", positive: str = "bank", color_jitter: float = 0.0,
              independent_crops: bool = False) -> Path:
@@ -61,6 +77,31 @@ def probe(checkpoint: Path, train: Path, val: Path, random_init: bool, seed: int
     xtr, ytr = extract(encoder, str(train), cfg, single)
     xva, yva = extract(encoder, str(val), cfg, single)
     return {"linear": linear_probe(xtr, ytr, xva, yva), "knn": knn(xtr, ytr, xva, yva)}
+
+
+def downstream(checkpoint: Path, out: Path, seed: int, quick: bool) -> dict:
+    """Detection on the embedded AVA-format videos and anticipation on the EPIC-format ones, each
+    fine-tuned from the pretrained encoder and from the same architecture untrained."""
+    from shard_tools.make_synthetic import make
+    from vthcl import eval as vthcl_eval
+    plan = TASKS["quick" if quick else "default"]
+    results = {}
+    for task, mode, metric in (("ava", "detect", "mAP"), ("epic", "anticipate", "action_top1")):
+        data = out / f"data_{task}"
+        if not (data / "val" / "manifest.json").exists():
+            log.info(f"making the embedded {task.upper()}-format videos and their shards")
+            make(data, task=task, seed=seed, short_side=64, workers=2, **plan[task])
+        results[mode] = {}
+        for name, init in (("pretrained", {}), ("random", {"random_init": True})):
+            log.info(f"{mode}: fine-tuning the {name} encoder")
+            extra = {"eval_short_side": 64} if mode == "detect" else {"hidden": 64}
+            got = vthcl_eval.run(mode=mode, checkpoint=str(checkpoint), train=str(data / "train"),
+                                 val=str(data / "val"), out=str(out / f"{mode}_{name}"), seed=seed,
+                                 **TUNING, **plan[mode], **extra, **init)
+            results[mode][name] = {k: got[k] for k in ("mAP", "verb_top1", "noun_top1", "action_top1",
+                                                        "verb_top5", "noun_top5", "action_mt5r") if k in got}
+            log.info(f"{mode} {name}: {metric} {got[metric]:.3f}")
+    return results
 
 
 def loss_curve(metrics: Path, png: Path) -> None:
@@ -287,16 +328,32 @@ def run_default(out: Path, seed: int = 0, quick: bool = False, alpha: int = 2, l
     loss_curve(out / "pretrain" / "metrics.jsonl", out / "loss.png")
     sample_video, icm_pngs, icm_score = icm_maps(ck, data, out, seed, per_class=1 if quick else 4)
     results["icm_actor_auc"] = icm_score["actor_auc"]
+    t = time.time()
+    results.update(downstream(ck, out, seed, quick))
+    timing["downstream_s"] = round(time.time() - t, 1)
     timing["total_s"] = round(time.time() - t0, 1)
     results.update({"settings": {"seed": seed, "quick": quick, "alpha": alpha, "levels": levels,
                                  "videos": preset["videos"], "classes": 8, "epochs": preset["epochs"],
                                  "input": input, "positive": positive,
-                                 "arch": "r18", "width": 16, "crop_size": 56},
+                                 "arch": "r18", "width": 16, "crop_size": 56,
+                                 "downstream": {**TASKS["quick" if quick else "default"], "tuning": TUNING}},
                     "timing": timing})
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = report(out, results, sample_video, icm_pngs)
     print(table)
     return results
+
+
+def downstream_rows(results: dict) -> list[list[str]]:
+    """The results table's rows of the downstream tasks (fractions shown in percent, as the others)."""
+    rows = []
+    for mode, label, keys in (("detect", "detection, AVA format: frame-mAP@0.5", ("mAP",)),
+                              ("anticipate", "anticipation, EPIC format: verb / noun / action top-1",
+                               ("verb_top1", "noun_top1", "action_top1"))):
+        if mode in results:
+            rows.append([label] + [" / ".join(f"{100 * results[mode][init][k]:.1f}" for k in keys)
+                                   for init in ("pretrained", "random")])
+    return rows
 
 
 def report(out: Path, results: dict, video: Path, icm_pngs: list) -> str:
@@ -306,7 +363,8 @@ def report(out: Path, results: dict, video: Path, icm_pngs: list) -> str:
         ["linear probe, clips", f"{results['linear']['pretrained']:.1f}", f"{results['linear']['random']:.1f}"],
         ["kNN (k=20), clips", f"{results['knn']['pretrained']:.1f}", f"{results['knn']['random']:.1f}"],
         ["linear probe, single frames (control)", f"{sf['linear']['pretrained']:.1f}", f"{sf['linear']['random']:.1f}"],
-        ["kNN, single frames (control)", f"{sf['knn']['pretrained']:.1f}", f"{sf['knn']['random']:.1f}"]])
+        ["kNN, single frames (control)", f"{sf['knn']['pretrained']:.1f}", f"{sf['knn']['random']:.1f}"],
+        *downstream_rows(results)])
     s, timing = results["settings"], results["timing"]
     blocks = [
         f"Synthetic tempo dataset: {s['videos']} videos, {s['classes']} classes (actor family x motion pattern), "
@@ -315,7 +373,11 @@ def report(out: Path, results: dict, video: Path, icm_pngs: list) -> str:
         f"input, positive from the `{s['positive']}` (the paper: `rgb` input, positive from the `bank`; "
         f"`--paper` runs that); evaluation on the "
         f"val split. Top-1 accuracy in percent; chance is {results['chance']:.1f}. "
-        f"Time: {timing['total_s']:.0f} s ({timing['pretrain_s']:.0f} s pretraining).",
+        f"Time: {timing['total_s']:.0f} s ({timing['pretrain_s']:.0f} s pretraining, "
+        f"{timing.get('downstream_s', 0):.0f} s detection and anticipation). The last two rows fine-tune the "
+        "encoder (and an untrained one) on embedded long videos in the AVA and EPIC-Kitchens formats "
+        "(`vthcl.eval detect` and `anticipate`; their settings in `results.json`), scored as the paper scores them "
+        "(frame-mAP; top-1 of the verb, the noun and the action one second ahead), with a few epochs each.",
         table]
     if "ablation" in results:
         blocks += ["## Ablation over alpha and levels (half as many epochs)",
