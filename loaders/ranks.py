@@ -32,7 +32,5 @@ def rank_indices(total: int, rank: int, world_size: int, epoch: int = 0) -> tupl
     for DDP, every video seen, at most one padded repeat per rank.
     """
     lo, hi = rank_range(total, rank, world_size, epoch)
-    per_rank = math.ceil(total / world_size)
-    idx = list(range(lo, hi)) or [lo % total]  # more ranks than videos: repeat one
-    pad = per_rank - len(idx)
-    return idx + idx[:1] * pad, pad
+    idx = rank_array(total, rank, world_size, epoch)
+    return idx.tolist(), len(idx) - max(hi - lo, 1)  # (more ranks than videos: one is read, then repeated)

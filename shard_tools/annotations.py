@@ -50,8 +50,8 @@ def _report(path: str, line: int, reason: str) -> Report:
     return {"source": f"{path}:{line}", "reason": reason, "file": str(path), "line": line}
 
 
-def _csv_rows(path: str):
-    """(line number, cells) of every non-blank row."""
+def csv_rows(path: str):
+    """(line number, cells stripped) of every non-blank row of a CSV file (UsageError if it cannot be read)."""
     try:
         f = open(path, newline="", encoding="utf-8-sig")
     except OSError as e:
@@ -64,7 +64,8 @@ def _csv_rows(path: str):
                 yield reader.line_num, [c.strip() for c in row]
 
 
-def _finite(text: str) -> float:
+def finite(text: str) -> float:
+    """``text`` as a finite float (ValueError says why not)."""
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(f"{text!r} is not finite")
@@ -130,10 +131,10 @@ def _ava_row(row: list[str], proposals: bool) -> tuple[str, float, list[float], 
                          f"{'score' if proposals else 'person_id'}), got {len(row)}")
     if proposals and len(row) < 8:
         raise ValueError("a proposal needs its score in column 8")
-    video, sec = row[0], _finite(row[1])
+    video, sec = row[0], finite(row[1])
     if not video:
         raise ValueError("empty video_id")
-    box = [_finite(v) for v in row[2:6]]
+    box = [finite(v) for v in row[2:6]]
     if any(not 0.0 <= v <= 1.0 for v in box):
         raise ValueError(f"box {row[2:6]} outside [0, 1] (boxes are normalised to the frame)")
     if box[2] <= box[0] or box[3] <= box[1]:
@@ -141,14 +142,14 @@ def _ava_row(row: list[str], proposals: bool) -> tuple[str, float, list[float], 
     action = -1 if row[6] in ("", "-1") else int(row[6])
     if action == 0 or action < -1:
         raise ValueError(f"action id {row[6]!r} (ids start at 1; empty or -1: none)")
-    last = _finite(row[7]) if len(row) > 7 and row[7] != "" else -1.0
+    last = finite(row[7]) if len(row) > 7 and row[7] != "" else -1.0
     return video, sec, box, action, last
 
 
 def _ava_boxes(path: str, proposals: bool, out: Annotations, keyframes: dict) -> None:
     """Group the rows of one AVA CSV into keyframes: boxes (ground truth) or proposals."""
     kind = "proposals" if proposals else "boxes"
-    for line, row in _csv_rows(path):
+    for line, row in csv_rows(path):
         try:
             video, sec, box, action, last = _ava_row(row, proposals)
         except ValueError as e:
@@ -168,11 +169,11 @@ def _ava_boxes(path: str, proposals: bool, out: Annotations, keyframes: dict) ->
 
 def _ava_exclusions(path: str, out: Annotations) -> set[tuple[str, float]]:
     excluded = set()
-    for line, row in _csv_rows(path):
+    for line, row in csv_rows(path):
         try:
             if len(row) != 2:
                 raise ValueError(f"expected 2 columns (video_id, sec), got {len(row)}")
-            excluded.add((row[0], _finite(row[1])))
+            excluded.add((row[0], finite(row[1])))
         except ValueError as e:
             out.bad.append(_report(path, line, str(e)))
     return excluded
@@ -243,7 +244,7 @@ def _class(row: dict, name: str) -> int:
 def read_epic(annotations: str) -> Annotations:
     """EPIC segments by video: ``{"time": start, "start", "stop", "id", "verb",
     "verb_class", "noun", "noun_class", "narration"}``, in start order."""
-    rows = _csv_rows(annotations)
+    rows = csv_rows(annotations)
     try:
         _, header = next(rows)
     except StopIteration:

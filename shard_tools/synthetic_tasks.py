@@ -86,6 +86,7 @@ from pathlib import Path
 import numpy as np
 
 from shard_tools.make_synthetic import FAMILIES, _mask, _texture, write_video
+from vthcl.ava_eval import iou
 from vthcl.options import JobError, UsageError
 
 log = logging.getLogger(__name__)
@@ -325,14 +326,6 @@ def _near(scene: Scene, frame: int) -> list[bool]:
                 < 1.5 * (sp[i].radius + sp[j].radius) for j in range(len(sp))) for i in range(len(sp))]
 
 
-def _iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _fmt_box(box) -> list[str]:
     return [f"{v:.3f}" for v in box]
 
@@ -359,7 +352,7 @@ def ava_rows(video_id: str, video: AvaVideo, seed: int, duration: int, near: boo
             for _ in range(100):
                 d = rng.normal(0, 0.06, 4) * np.array([bw, bh, bw, bh])
                 jit = tuple(np.clip(np.array(box) + d, 0, 1))
-                if jit[2] > jit[0] and jit[3] > jit[1] and _iou(jit, box) >= 0.7:
+                if jit[2] > jit[0] and jit[3] > jit[1] and iou(np.array([jit]), np.array([box]))[0, 0] >= 0.7:
                     break
             else:
                 jit = box
@@ -369,7 +362,7 @@ def ava_rows(video_id: str, video: AvaVideo, seed: int, duration: int, near: boo
                 bw, bh = rng.uniform(0.08, 0.25), rng.uniform(0.1, 0.3)
                 x1, y1 = rng.uniform(0, 1 - bw), rng.uniform(0, 1 - bh)
                 fp = (x1, y1, x1 + bw, y1 + bh)
-                if all(_iou(fp, b) < 0.3 for b in boxes):
+                if (iou(np.array([fp]), np.array(boxes).reshape(-1, 4)) < 0.3).all():
                     proposals.append([video_id, f"{sec:04d}", *_fmt_box(fp), "", f"{rng.uniform(0.3, 0.85):.6f}"])
                     break
     return gt, proposals

@@ -15,6 +15,7 @@ import pytest
 from shard_tools import synthetic_tasks as st
 from shard_tools.make_synthetic import main as make_synthetic_main
 from shard_tools.make_synthetic import make
+from vthcl.ava_eval import iou
 
 AVA = dict(task="ava", videos=2, val_videos=1, duration=8, fps=12, size=72, width=96, workers=1, pack=False)
 EPIC = dict(task="epic", participants=2, videos=1, val_videos=1, duration=10, fps=50, size=72, workers=1,
@@ -27,7 +28,8 @@ def _rows(path: Path) -> list[list[str]]:
 
 
 def _iou(a, b) -> float:
-    return st._iou(tuple(map(float, a)), tuple(map(float, b)))
+    """The scorer's IoU (vthcl.ava_eval: the official np_box_ops.iou) of two boxes."""
+    return float(iou(np.array([a], dtype=float), np.array([b], dtype=float))[0, 0])
 
 
 @pytest.fixture(scope="module")

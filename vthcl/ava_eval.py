@@ -34,16 +34,14 @@ Boxes outside [0, 1] are scored as given, as the official reader does.
 """
 from __future__ import annotations
 
-import csv
 import heapq
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from shard_tools.annotations import read_labelmap
+from shard_tools.annotations import csv_rows, finite, read_labelmap
 
 log = logging.getLogger(__name__)
 
@@ -84,30 +82,14 @@ class _BadRows:
         return self.count
 
 
-def _rows(path):
-    """(line number, row) for each non-blank CSV row."""
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        for row in reader:
-            if row and any(cell.strip() for cell in row):
-                yield reader.line_num, row
-
-
-def _number(text: str, kind=float):
-    value = kind(text)
-    if kind is float and not math.isfinite(value):
-        raise ValueError(f"non-finite value {text!r}")
-    return value
-
-
 def _read_exclusions(path) -> tuple[set[str], int]:
     bad, excluded = _BadRows(path), set()
-    for line, row in _rows(path):
+    for line, row in csv_rows(path):
         if len(row) != 2:
             bad(line, f"expected 2 columns (video_id, sec), got {len(row)}")
             continue
         try:
-            excluded.add(frame_key(row[0], _number(row[1], int)))
+            excluded.add(frame_key(row[0], int(row[1])))
         except ValueError:
             bad(line, f"timestamp {row[1]!r} is not an integer")
     return excluded, bad.summary()
@@ -130,10 +112,10 @@ def read_boxes(path, class_ids: set[int] | None = None, capacity: int | None = N
     min-heap (no limit when < 1), listed by descending score; with None, rows
     stay in file order."""
     bad, heaps, out = _BadRows(path), {}, Boxes()
-    for line, row in _rows(path):
+    for line, row in csv_rows(path):
         if len(row) == 2:
             try:
-                _number(row[1], int)
+                int(row[1])
             except ValueError:
                 bad(line, f"timestamp {row[1]!r} is not an integer")
             continue
@@ -144,14 +126,14 @@ def read_boxes(path, class_ids: set[int] | None = None, capacity: int | None = N
             bad(line, "a detection row needs its score in column 8")
             continue
         try:
-            key = frame_key(row[0], _number(row[1], int))
+            key = frame_key(row[0], int(row[1]))
         except ValueError:
             bad(line, f"timestamp {row[1]!r} is not an integer")
             continue
         try:
-            x1, y1, x2, y2 = (_number(v) for v in row[2:6])
-            action = _number(row[6], int)
-            score = _number(row[7]) if detections else 1.0
+            x1, y1, x2, y2 = (finite(v) for v in row[2:6])
+            action = int(row[6])
+            score = finite(row[7]) if detections else 1.0
         except ValueError as e:
             bad(line, f"not a number: {e}")
             continue
@@ -159,7 +141,7 @@ def read_boxes(path, class_ids: set[int] | None = None, capacity: int | None = N
             continue
         entry = (score, action, y1, x1, y2, x2)
         if capacity is None:
-            _append(out, key, entry)
+            append(out, key, entry)
             continue
         heap = heaps.setdefault(key, [])
         if capacity < 1 or len(heap) < capacity:
@@ -168,12 +150,13 @@ def read_boxes(path, class_ids: set[int] | None = None, capacity: int | None = N
             heapq.heapreplace(heap, entry)
     for key, heap in heaps.items():
         for entry in sorted(heap, key=lambda e: -e[0]):
-            _append(out, key, entry)
+            append(out, key, entry)
     out.skipped_rows = bad.summary()
     return out
 
 
-def _append(out: Boxes, key: str, entry: tuple) -> None:
+def append(out: Boxes, key: str, entry: tuple) -> None:
+    """Add a box to frame ``key`` of ``out``: ``entry`` is (score, action, y1, x1, y2, x2)."""
     score, action, y1, x1, y2, x2 = entry
     out.boxes.setdefault(key, []).append([y1, x1, y2, x2])
     out.labels.setdefault(key, []).append(action)
