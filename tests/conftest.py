@@ -4,6 +4,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,20 @@ from tests import media
 REPO = Path(__file__).resolve().parents[1]
 VIDEOS = Path(os.environ.get("VTHCL_TEST_VIDEOS", REPO / "tests" / "data" / "videos"))
 REAL = ["demo.mp4", "test.mp4", "test.avi", "part_0.mp4", "S001C001P001R001A001_rgb.avi"]
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node=NPROC ARGS`` on CPU processes (gloo, one thread each,
+    a free port), from the repository; fails the test with the tail of stderr unless it exits 0."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", *args]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tests.conftest import REPO
+from tests.conftest import torchrun
 from vthcl.icm import actor_auc, icm
 from vthcl.memory import MemoryBank, ShardedMemoryBank
 from vthcl.model import VTHCL
@@ -302,17 +301,9 @@ def test_missing_or_empty_dataset_is_a_clear_error(tmp_path):
 
 def _torchrun(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
     """vthcl.train under torchrun: 2 CPU processes, gloo; its stderr and metrics."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "vthcl.train", "--backend", "synthetic", "--num-videos", "12",
-           "--batch-size", "4", "--crop-size", "16", "--width", "8", "--num-negatives", "5",
-           "--no-tensorboard", "--device", "cpu", "--out", str(out), *args]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun("-m", "vthcl.train", "--backend", "synthetic", "--num-videos", "12", "--batch-size", "4",
+                 "--crop-size", "16", "--width", "8", "--num-negatives", "5", "--no-tensorboard", "--device", "cpu",
+                 "--out", str(out), *args, timeout=180)
     return r, [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 

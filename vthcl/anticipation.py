@@ -95,34 +95,18 @@ RECIPE = {"epochs": 80, "batch_size": 64, "lr": 0.1, "milestones": [40, 60], "al
             takes=TAKES, recipe=RECIPE)
 def anticipate_mode(cfg: options.Config) -> dict:
     from vthcl import downstream
-    from vthcl.detection import _events
-    rank, world, device = downstream.setup_distributed(cfg.device)
-    _, info = _events(cfg.train)
-    val_events, _ = _events(cfg.val)
-    if info["task"] != "epic":
-        raise options.UsageError(f"{cfg.train}: anticipate needs EPIC-Kitchens shards (make_shards --layout epic), "
-                                 f"not {info['task']!r} ones")
-    encoder, enc = _eval.encoder_for(cfg)
-    clip = {"tau": cfg.tau, "alpha": cfg.alpha, "slow_frames": cfg.slow_frames, "crop_size": cfg.crop_size}
-    model = Anticipator(encoder, info["verb_classes"], info["noun_classes"], cfg.hidden, cfg.dropout).to(device)
     sampling = {"tau_a": cfg.tau_a, "tau_o": cfg.tau_o}
-    train = _eval.task_loader(cfg, cfg.train, clip, True, rank, world, device, **sampling)
-    schedule = downstream.Schedule(cfg.lr, cfg.epochs, tuple(cfg.milestones or ()), 0.1, cfg.warmup_epochs,
-                                   cfg.warmup_start_lr, cfg.momentum, cfg.weight_decay)
-    out = Path(cfg.out)
-    last = downstream.fit(model, train, step, schedule, out, resume=cfg.resume, progress=not cfg.quiet,
-                          log_every=cfg.log_every, max_steps=cfg.max_steps, trust=cfg.trust_checkpoint)
-    val = _eval.task_loader(cfg, cfg.val, clip, False, rank, world, device, **sampling)
-    records = sorted(downstream.gather(predict(model, val, val_events)), key=lambda r: r["event"])
-    result = {"init": cfg.init or cfg.checkpoint, "random_init": cfg.random_init, "arch": enc["arch"],
-              "width": enc["width"], "train_steps": last.get("step"), "final_loss": last.get("loss"),
-              "verb_classes": info["verb_classes"], "noun_classes": info["noun_classes"],
-              "columns": info.get("columns"),
-              "settings": {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "milestones", "weight_decay",
-                                                         "tau_a", "tau_o", "crop_size", "tau", "alpha",
-                                                         "slow_frames")}}
-    if rank == 0:
-        path = out / "predictions.jsonl"
+    job = downstream.start(cfg, "epic", "EPIC-Kitchens shards (make_shards --layout epic)", sampling, sampling)
+    info = job.info
+    model = Anticipator(job.encoder, info["verb_classes"], info["noun_classes"], cfg.hidden, cfg.dropout)
+    last = job.fit(model, step)
+    records = sorted(downstream.gather(predict(model, job.val, job.val_events), key=lambda r: r["event"]),
+                     key=lambda r: r["event"])
+    result = job.result(last, ("epochs", "batch_size", "lr", "milestones", "weight_decay", "tau_a", "tau_o",
+                               "crop_size", "tau", "alpha", "slow_frames"))
+    result.update(verb_classes=info["verb_classes"], noun_classes=info["noun_classes"], columns=info.get("columns"))
+    if job.rank == 0:
+        path = Path(cfg.out) / "predictions.jsonl"
         path.write_text("".join(json.dumps({k: r[k] for k in ("id", "verb", "noun", "verb_top5", "noun_top5",
                                                               "action_top5")}) + "\n" for r in records))
         result.update(anticipation_metrics(records), predictions=str(path))

@@ -146,13 +146,15 @@ def step(score_thresh: float, labelled_proposals: bool):
 
 @torch.no_grad()
 def detect(model: Detector, loader, events: list[dict], classes: list[int], score_thresh: float) -> list[tuple]:
-    """Official-format rows ``(video_id, sec, x1, y1, x2, y2, action_id, score)`` for this rank's keyframes:
-    every test proposal (its own coordinates) x every evaluated class."""
+    """``(event, row)`` for this rank's keyframes, ``row`` in the official format ``(video_id, sec, x1, y1, x2,
+    y2, action_id, score)``: every test proposal (its own coordinates) x every evaluated class."""
     model.eval()
     rows, seen = [], set()
     for batch in loader:
-        fresh = [e not in seen for e in batch["event"].tolist()]  # (a rank's padding repeats an event)
-        seen.update(batch["event"].tolist())
+        fresh = []  # (a rank's padding repeats an event, in this batch or a later one)
+        for e in batch["event"].tolist():
+            fresh.append(e not in seen)
+            seen.add(e)
         take = test_boxes(batch, score_thresh)
         take = take[torch.tensor(fresh, dtype=torch.bool)[batch["proposal_batch"][take]]] if len(take) else take
         if len(take) == 0:
@@ -161,11 +163,12 @@ def detect(model: Detector, loader, events: list[dict], classes: list[int], scor
         probs = torch.sigmoid(model(batch["slow"], pixel_boxes(batch["proposals"][take], index, batch["size"])))
         probs = probs.float().cpu().numpy()
         for k, (p, i) in enumerate(zip(take.tolist(), index.tolist())):
-            event = events[int(batch["event"][i])]
+            e = int(batch["event"][i])
+            event = events[e]
             n = p - int(torch.nonzero(batch["proposal_batch"] == i).flatten()[0])  # the proposal's place in its event
             box = event["proposals"][n]["box"]
             for c in classes:
-                rows.append((event["video_id"], int(round(event["time"])), *box, c, float(probs[k, c - 1])))
+                rows.append((e, (event["video_id"], int(round(event["time"])), *box, c, float(probs[k, c - 1]))))
     return rows
 
 
@@ -187,9 +190,7 @@ def groundtruth(events: list[dict], class_ids: set[int]) -> ava_eval.Boxes:
             for a in b["actions"]:
                 if a in class_ids:
                     x1, y1, x2, y2 = b["box"]
-                    out.boxes.setdefault(key, []).append([y1, x1, y2, x2])
-                    out.labels.setdefault(key, []).append(a)
-                    out.scores.setdefault(key, []).append(1.0)
+                    ava_eval.append(out, key, (1.0, a, y1, x1, y2, x2))
     return out
 
 
@@ -224,47 +225,24 @@ def _categories(cfg, info: dict) -> list[dict]:
     return info["actions"]
 
 
-def _events(shards) -> tuple[list[dict], dict]:
-    from loaders.events import EventTable
-    from loaders.shards import resolve_shards
-    try:
-        table = EventTable(resolve_shards(shards))
-    except (FileNotFoundError, ValueError) as e:
-        raise options.UsageError(str(e)) from None
-    return table.rows, {"task": table.task, **table.info}
-
-
 @_eval.mode("detect", "AVA action detection: the slow encoder (res5 dilated) with an RoI head, frame-mAP",
             takes=TAKES, recipe=RECIPE)
 def detect_mode(cfg: options.Config) -> dict:
     from vthcl import downstream
-    rank, world, device = downstream.setup_distributed(cfg.device)
-    _, info = _events(cfg.train)
-    val_events, _ = _events(cfg.val)
-    if info["task"] != "ava":
-        raise options.UsageError(f"{cfg.train}: detect needs AVA shards (make_shards --layout ava), not "
-                                 f"{info['task']!r} ones")
+    job = downstream.start(cfg, "ava", "AVA shards (make_shards --layout ava)",
+                           val_sampling={"eval_short_side": cfg.eval_short_side})
+    info, val_events = job.info, job.val_events
     categories = _categories(cfg, info)
-    encoder, enc = _eval.encoder_for(cfg)
-    clip = {"tau": cfg.tau, "alpha": cfg.alpha, "slow_frames": cfg.slow_frames, "crop_size": cfg.crop_size}
-    model = Detector(dilated(encoder), info["num_actions"], cfg.dropout).to(device)
-    train = _eval.task_loader(cfg, cfg.train, clip, True, rank, world, device)
-    schedule = downstream.Schedule(cfg.lr, cfg.epochs, tuple(cfg.milestones or ()), 0.1, cfg.warmup_epochs,
-                                   cfg.warmup_start_lr, cfg.momentum, cfg.weight_decay)
-    out = Path(cfg.out)
-    last = downstream.fit(model, train, step(cfg.detection_score_thresh, bool(info.get("proposals_labelled"))),
-                          schedule, out, resume=cfg.resume, progress=not cfg.quiet, log_every=cfg.log_every,
-                          max_steps=cfg.max_steps, trust=cfg.trust_checkpoint)
-    val = _eval.task_loader(cfg, cfg.val, clip, False, rank, world, device, eval_short_side=cfg.eval_short_side)
-    rows = downstream.gather(detect(model, val, val_events, class_list(categories), cfg.detection_score_thresh))
-    result = {"init": cfg.init or cfg.checkpoint, "random_init": cfg.random_init, "arch": enc["arch"],
-              "width": enc["width"], "train_steps": last.get("step"), "final_loss": last.get("loss"),
-              "settings": {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "milestones", "warmup_epochs",
-                                                         "weight_decay", "detection_score_thresh", "eval_short_side",
-                                                         "crop_size", "tau", "alpha", "slow_frames")}}
-    if rank == 0:
-        path = out / "detections.csv"
-        write_detections(rows, path)
+    model = Detector(dilated(job.encoder), info["num_actions"], cfg.dropout)
+    last = job.fit(model, step(cfg.detection_score_thresh, bool(info.get("proposals_labelled"))))
+    found = downstream.gather(detect(model, job.val, val_events, class_list(categories), cfg.detection_score_thresh),
+                              key=lambda r: r[0])
+    result = job.result(last, ("epochs", "batch_size", "lr", "milestones", "warmup_epochs", "weight_decay",
+                               "detection_score_thresh", "eval_short_side", "crop_size", "tau", "alpha",
+                               "slow_frames"))
+    if job.rank == 0:
+        path = Path(cfg.out) / "detections.csv"
+        write_detections([row for _, row in found], path)
         scored = score(path, val_events, categories)
         result.update(mAP=scored["mAP"], per_class={str(k): v for k, v in scored["per_class"].items()},
                       detections=str(path), keyframes=len(val_events))

@@ -1,7 +1,9 @@
 """The loop every downstream task fine-tunes with (detection, anticipation, recognition).
 
-A task gives a model, a loader of its training clips and a step (the loss of
-a batch); :func:`fit` runs SGD with the task's :class:`Schedule` (a linear
+A task's mode calls :func:`start` (the process group, both loaders of its
+event dataset, the encoder: a :class:`Job`), builds its model on the
+encoder, and gives :meth:`Job.fit` the model and a step (the loss of a
+batch); :func:`fit` runs SGD with the task's :class:`Schedule` (a linear
 warm-up, then the rate divided at the milestone epochs, as PySlowFast's
 ``steps_with_relative_lrs``), under ``torchrun`` as :mod:`vthcl.train` does
 (DDP; NCCL on GPUs, gloo on CPUs), with a progress bar and
@@ -10,7 +12,8 @@ warm-up, then the rate divided at the milestone epochs, as PySlowFast's
 states) that a run with ``resume`` continues exactly.
 
 Evaluation runs each rank over its share of the validation samples;
-:func:`gather` brings every rank's records to all of them.
+:func:`gather` brings every rank's records to all of them, each sample's
+once.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -72,13 +75,95 @@ def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
-def gather(records: list) -> list:
-    """Every rank's ``records``, concatenated in rank order (the same list on every rank)."""
+def gather(records: list, key: Callable[[Any], Any] | None = None) -> list:
+    """Every rank's ``records``, concatenated in rank order (the same list on every rank). With ``key`` (a
+    record's sample), a sample's records come from the first rank that has it: a rank whose range is short
+    repeats another rank's samples as padding (:func:`loaders.ranks.rank_indices`)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return records
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, records)
-    return [r for part in parts for r in part]
+    if key is None:
+        return [r for part in parts for r in part]
+    owner: dict = {}
+    return [r for rank, part in enumerate(parts) for r in part if owner.setdefault(key(r), rank) == rank]
+
+
+@dataclass
+class Job:
+    """What a downstream mode starts from (:func:`start`): this process's place in the run, the loaders of
+    the training and validation events, and the encoder with its settings (``enc``: arch, width, ...)."""
+    cfg: options.Config
+    rank: int
+    world: int
+    device: torch.device
+    train: Any
+    val: Any
+    encoder: torch.nn.Module
+    enc: dict
+
+    @property
+    def info(self) -> dict:
+        """The training dataset's event info (classes, label map) and its task."""
+        return {"task": self.train.events.task, **self.train.events.info}
+
+    @property
+    def val_events(self) -> list[dict]:
+        """The rows of the validation dataset's events.jsonl."""
+        return self.val.events.rows
+
+    def fit(self, model: torch.nn.Module, step: Callable, extra_state: dict | None = None) -> dict:
+        """:func:`fit` of ``model`` (moved to the device) on the training loader with the options' schedule."""
+        cfg = self.cfg
+        schedule = Schedule(cfg.lr, cfg.epochs, tuple(cfg.milestones or ()), 0.1, cfg.warmup_epochs,
+                            cfg.warmup_start_lr, cfg.momentum, cfg.weight_decay)
+        return fit(model.to(self.device), self.train, step, schedule, Path(cfg.out), resume=cfg.resume,
+                   progress=not cfg.quiet, log_every=cfg.log_every, max_steps=cfg.max_steps,
+                   trust=cfg.trust_checkpoint, extra_state=extra_state)
+
+    def result(self, last: dict, settings: tuple[str, ...]) -> dict:
+        """The part of a mode's result every task has: the init, the encoder, the training's end, and the
+        options named in ``settings``."""
+        cfg = self.cfg
+        return {"init": cfg.init or cfg.checkpoint, "random_init": cfg.random_init, "arch": self.enc["arch"],
+                "width": self.enc["width"], "train_steps": last.get("step"), "final_loss": last.get("loss"),
+                "settings": {k: getattr(cfg, k) for k in settings}}
+
+
+def task_loader(cfg: options.Config, shards, train: bool, rank: int, world: int, device, **sampling):
+    """A downstream task's loader of ``shards``: the clip options of ``cfg``, this rank's share of
+    ``--batch-size``, the task's sampling options."""
+    from loaders import build_loader
+    if cfg.batch_size % world:
+        raise options.UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks")
+    try:
+        return build_loader(shards, backend=cfg.backend, batch_size=cfg.batch_size // world, tau=cfg.tau,
+                            alpha=cfg.alpha, slow_frames=cfg.slow_frames, crop_size=cfg.crop_size, train=train,
+                            device=str(device), rank=rank, world_size=world, num_workers=cfg.workers,
+                            seed=cfg.seed, **sampling)
+    except (FileNotFoundError, ValueError) as e:
+        raise options.UsageError(str(e)) from None
+
+
+def start(cfg: options.Config, task: str, needs: str, train_sampling: dict | None = None,
+          val_sampling: dict | None = None) -> Job:
+    """The start of the mode ``cfg.mode`` of the task ``task`` ("ava", "epic"; ``needs`` says which shards
+    that is, for the message): the process group under torchrun, the loaders of ``cfg.train`` and
+    ``cfg.val`` (their manifests must be the task's), and the encoder of ``--init``."""
+    from loaders.shards import resolve_shards
+    from vthcl.eval import encoder_for
+    for shards in (cfg.train, cfg.val):
+        try:
+            kind = resolve_shards(shards).manifest.get("task") or "video"
+        except (FileNotFoundError, ValueError) as e:
+            raise options.UsageError(str(e)) from None
+        if kind != task:
+            raise options.UsageError(f"{shards}: {cfg.mode} needs {needs}, not {kind!r} ones")
+    rank, world, device = setup_distributed(cfg.device)
+    train = task_loader(cfg, cfg.train, True, rank, world, device, **(train_sampling or {}))
+    val = task_loader(cfg, cfg.val, False, rank, world, device, **(val_sampling or {}))
+    encoder, enc = encoder_for(cfg)
+    return Job(cfg, rank, world, device, train, val, encoder, enc)
 
 
 class Progress:

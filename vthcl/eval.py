@@ -131,21 +131,6 @@ def clip_loader(shards, cfg: dict, train: bool, batch_size: int, num_clips: int 
                         num_workers=num_workers, seed=seed, num_clips=num_clips)
 
 
-def task_loader(cfg: options.Config, shards, enc: dict, train: bool, rank: int, world: int, device, **sampling):
-    """A downstream task's loader of ``shards``: the clip settings of ``enc`` (the encoder's, or the command
-    line's), this rank's share of ``--batch-size``, the task's sampling options."""
-    from loaders import build_loader
-    if cfg.batch_size % world:
-        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks")
-    try:
-        return build_loader(shards, backend=cfg.backend, batch_size=cfg.batch_size // world, tau=enc["tau"],
-                            alpha=enc["alpha"], slow_frames=enc["slow_frames"], crop_size=enc["crop_size"],
-                            train=train, device=str(device), rank=rank, world_size=world, num_workers=cfg.workers,
-                            seed=cfg.seed, **sampling)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
-
-
 def single_frame(clip: torch.Tensor) -> torch.Tensor:
     """The centre frame repeated over time: the same appearance, no motion."""
     t = clip.shape[2] // 2
@@ -305,4 +290,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m vthcl.eval`` this file is a second module, ``__main__``; the task modes (detection,
+    # anticipation) register with the imported ``vthcl.eval``, so its main is the one that knows them all.
+    sys.exit(importlib.import_module("vthcl.eval").main())
