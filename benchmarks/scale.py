@@ -35,6 +35,9 @@
 """
 from __future__ import annotations
 
+import builtins
+import contextlib
+import io
 import json
 import os
 import resource
@@ -42,6 +45,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -152,9 +156,10 @@ def probe(kind: str, manifest: str, open_files: int | None = None) -> dict:
     return {"seconds": seconds, "peak_rss_mb": peak / 1024, "samples": shards.total, "open_fds": _fds()}
 
 
-def _probe_in_child(kind: str, manifest: Path, timeout: float, open_files: int | None = None) -> dict:
-    cmd = [sys.executable, "-c", f"import json, benchmarks.scale as s; print(json.dumps(s.probe({kind!r}, "
-                                 f"{str(manifest)!r}, {open_files!r})))"]
+def _in_child(call: str, timeout: float) -> dict:
+    """The JSON that ``benchmarks.scale.CALL`` returns, run in a fresh interpreter (its own memory, files
+    and file limit), or ``{"error": why}``."""
+    cmd = [sys.executable, "-c", f"import json, benchmarks.scale as s; print(json.dumps(s.{call}))"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -166,6 +171,10 @@ def _probe_in_child(kind: str, manifest: Path, timeout: float, open_files: int |
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _probe_in_child(kind: str, manifest: Path, timeout: float, open_files: int | None = None) -> dict:
+    return _in_child(f"probe({kind!r}, {str(manifest)!r}, {open_files!r})", timeout)
+
+
 RANK_BATCH, DALI_READ_BATCHES, PYAV_READ_CHUNKS = 32, 64, 8
 
 
@@ -173,13 +182,35 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@contextlib.contextmanager
+def opened_files():
+    """The paths this process opens in the block (``builtins.open`` / ``io.open``, ``os.open`` and tarfile's own
+    reference to open), absolute; the real functions are back after it."""
+    seen: list[str] = []
+
+    def recording(real):
+        def wrapper(file, *args, **kwargs):
+            if isinstance(file, (str, bytes, os.PathLike)):
+                seen.append(os.path.abspath(os.fsdecode(file)))
+            return real(file, *args, **kwargs)
+        return wrapper
+
+    patched = [(module, name, getattr(module, name))
+               for module, name in ((builtins, "open"), (io, "open"), (os, "open"), (tarfile, "bltn_open"))]
+    for module, name, real in patched:
+        setattr(module, name, recording(real))
+    try:
+        yield seen
+    finally:
+        for module, name, real in patched:
+            setattr(module, name, real)
+
+
 def rank_probe(backend: str, manifest: str, world: int, rank: int = 0, open_files: int = 1024) -> dict:
     """One rank's index start-up, reads and (dali) epoch boundary, measured in
     this process with its open-file limit set to ``open_files`` first (see the
-    module docstring). Files opened are counted on ``open`` / ``io.open`` /
-    ``os.open``; the most open at once from /proc/self/fd."""
-    import builtins
-    import io
+    module docstring). Files opened are counted by :func:`opened_files`; the
+    most open at once from /proc/self/fd."""
     from types import SimpleNamespace
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(open_files, hard), hard))
@@ -190,96 +221,79 @@ def rank_probe(backend: str, manifest: str, world: int, rank: int = 0, open_file
     if backend == "dali":
         from nvidia.dali import fn, pipeline_def  # noqa: F401
     from webdataset import tariterators
-    opened: list[str] = []
+    with opened_files() as opened:
+        root = os.path.dirname(os.path.abspath(manifest))
+        manifest_doc = json.loads(Path(manifest).read_text())
+        total, per_shard = manifest_doc["total_samples"], SAMPLES_PER_SHARD
 
-    def recording(real):
-        def wrapper(file, *args, **kwargs):
-            if isinstance(file, (str, bytes, os.PathLike)):
-                opened.append(os.path.abspath(os.fsdecode(file)))
-            return real(file, *args, **kwargs)
-        return wrapper
-    builtins.open, io.open, os.open = recording(builtins.open), recording(io.open), recording(os.open)
-    root = os.path.dirname(os.path.abspath(manifest))
-    manifest_doc = json.loads(Path(manifest).read_text())
-    total, per_shard = manifest_doc["total_samples"], SAMPLES_PER_SHARD
+        def range_tars(epoch: int) -> set[str]:
+            lo, hi = rank_range(total, rank, world, epoch)
+            return {os.path.join(root, f"train-{s:06d}.tar") for s in range(lo // per_shard, (max(hi, lo + 1) - 1)
+                                                                             // per_shard + 1)}
 
-    def range_tars(epoch: int) -> set[str]:
-        lo, hi = rank_range(total, rank, world, epoch)
-        return {os.path.join(root, f"train-{s:06d}.tar") for s in range(lo // per_shard, (max(hi, lo + 1) - 1)
-                                                                         // per_shard + 1)}
+        def files(seen: list[str], epoch: int) -> dict:
+            mine = range_tars(epoch)
+            tars = {p for p in seen if p.endswith(".tar")}
+            return {"tars": len(tars), "tars_outside_range": len(tars - mine), "idx": len({p for p in seen
+                                                                                           if p.endswith(".idx")}),
+                    "other": sorted({os.path.basename(p) for p in seen if not p.endswith((".tar", ".idx"))})}
 
-    def files(seen: list[str], epoch: int) -> dict:
-        mine = range_tars(epoch)
-        tars = {p for p in seen if p.endswith(".tar")}
-        return {"tars": len(tars), "tars_outside_range": len(tars - mine), "idx": len({p for p in seen
-                                                                                       if p.endswith(".idx")}),
-                "other": sorted({os.path.basename(p) for p in seen if not p.endswith((".tar", ".idx"))})}
-
-    fds_before = _fds()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
-    common = dict(backend=backend, batch_size=RANK_BATCH, device="cpu", crop_size=112, rank=rank,
-                  world_size=world, seed=0)
-    if backend == "pyav":
-        loader = build_loader(manifest, num_workers=0, **common)
-        plan = loader._dataset(0).chunks
-    else:
-        loader = build_loader(manifest, num_workers=1, source_workers=0, **common)
-        plan = loader._source(0)
-    startup_s = time.perf_counter() - t
-    startup_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    out = {"world": world, "rank": rank, "range_shards": len(range_tars(0)),
-           "samples": len(loader.rank_sample_array()), "open_files_limit": min(open_files, hard),
-           "startup_s": startup_s, "startup_peak_rss_mb": startup_mb,
-           "startup_files": files(opened, 0), "fds_before": fds_before, "fds_after_startup": _fds()}
-    opened.clear()
-    peak_fds = _fds()
-    t = time.perf_counter()
-    if backend == "pyav":  # the tar streams of the first chunks, as a worker reads them
-        import loaders.pyav as pyav
-        read = 0
-        for chunk in plan[:PYAV_READ_CHUNKS]:
-            for sample in tariterators.group_by_keys(tariterators.tar_file_expander(pyav._open_ranges([chunk]))):
-                read += 1
-                peak_fds = max(peak_fds, _fds())
-        out["read"] = {"chunks": min(PYAV_READ_CHUNKS, len(plan)), "samples": read}
-    else:  # the source's reads (json, fragment table, init segment and window) of the first batches
-        batches = min(DALI_READ_BATCHES, len(plan.batches))
-        for b in range(batches):
-            plan(SimpleNamespace(iteration=b, epoch_idx=0))
-            peak_fds = max(peak_fds, _fds())
-        out["read"] = {"batches": batches, "samples": sum(len(x) for x in plan.batches[:batches]),
-                       "bytes_read": plan.reader.bytes_read}
-    out["read"].update(seconds=time.perf_counter() - t, files=files(opened, 0), peak_fds=peak_fds)
-    if backend == "dali":  # the pipeline of this epoch, then the next epoch's source (its range) and pipeline
-        del plan
+        fds_before = _fds()
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = time.perf_counter()
-        pipe = loader.build_pipeline()
-        out["pipeline_s"] = time.perf_counter() - t
-        del pipe
+        common = dict(backend=backend, batch_size=RANK_BATCH, device="cpu", crop_size=112, rank=rank,
+                      world_size=world, seed=0)
+        if backend == "pyav":
+            loader = build_loader(manifest, num_workers=0, **common)
+            plan = loader._dataset(0).chunks
+        else:
+            loader = build_loader(manifest, num_workers=1, source_workers=0, **common)
+            plan = loader._source(0)
+        startup_s = time.perf_counter() - t
+        startup_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        out = {"world": world, "rank": rank, "range_shards": len(range_tars(0)),
+               "samples": len(loader.rank_sample_array()), "open_files_limit": min(open_files, hard),
+               "startup_s": startup_s, "startup_peak_rss_mb": startup_mb,
+               "startup_files": files(opened, 0), "fds_before": fds_before, "fds_after_startup": _fds()}
         opened.clear()
-        loader.set_epoch(1)
+        peak_fds = _fds()
         t = time.perf_counter()
-        pipe = loader.build_pipeline()
-        out["epoch_boundary_s"] = time.perf_counter() - t
-        del pipe
-        out["epoch_boundary_files"] = files(opened, 1)
-    out["peak_rss_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    out["fds_end"] = _fds()
-    return out
+        if backend == "pyav":  # the tar streams of the first chunks, as a worker reads them
+            import loaders.pyav as pyav
+            read = 0
+            for chunk in plan[:PYAV_READ_CHUNKS]:
+                for sample in tariterators.group_by_keys(tariterators.tar_file_expander(pyav._open_ranges([chunk]))):
+                    read += 1
+                    peak_fds = max(peak_fds, _fds())
+            out["read"] = {"chunks": min(PYAV_READ_CHUNKS, len(plan)), "samples": read}
+        else:  # the source's reads (json, fragment table, init segment and window) of the first batches
+            batches = min(DALI_READ_BATCHES, len(plan.batches))
+            for b in range(batches):
+                plan(SimpleNamespace(iteration=b, epoch_idx=0))
+                peak_fds = max(peak_fds, _fds())
+            out["read"] = {"batches": batches, "samples": sum(len(x) for x in plan.batches[:batches]),
+                           "bytes_read": plan.reader.bytes_read}
+        out["read"].update(seconds=time.perf_counter() - t, files=files(opened, 0), peak_fds=peak_fds)
+        if backend == "dali":  # the pipeline of this epoch, then the next epoch's source (its range) and pipeline
+            del plan
+            t = time.perf_counter()
+            pipe = loader.build_pipeline()
+            out["pipeline_s"] = time.perf_counter() - t
+            del pipe
+            opened.clear()
+            loader.set_epoch(1)
+            t = time.perf_counter()
+            pipe = loader.build_pipeline()
+            out["epoch_boundary_s"] = time.perf_counter() - t
+            del pipe
+            out["epoch_boundary_files"] = files(opened, 1)
+        out["peak_rss_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        out["fds_end"] = _fds()
+        return out
 
 
 def _rank_probe_in_child(backend: str, manifest: Path, world: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-c", f"import json, benchmarks.scale as s; print(json.dumps(s.rank_probe({backend!r}, "
-                                 f"{str(manifest)!r}, {world})))"]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"over {timeout:.0f} s"}
-    if r.returncode != 0:
-        lines = [ln.strip() for ln in r.stderr.splitlines() if ln.strip()]
-        return {"error": (lines or [f"exit {r.returncode}"])[-1][:300]}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return _in_child(f"rank_probe({backend!r}, {str(manifest)!r}, {world})", timeout)
 
 
 # --------------------------------------------------------------------------- sharded banks

@@ -150,34 +150,27 @@ def run(out: Path, quick: bool, device: str = "cpu") -> Path:
                             "clips/s (train step)", notes, plot_png=complete)
 
     results = {}
+
+    def run(name: str, make_trainer, alpha: int = 2) -> None:
+        """``results[name]``: the steps of the trainer ``make_trainer()`` makes, on synthetic clips."""
+        try:
+            trainer = make_trainer()
+            data = endless(build_loader(None, backend="synthetic", num_videos=n, batch_size=batch, crop_size=crop,
+                                        device=device, alpha=alpha))
+            results[name] = summarize([measure_steps(trainer, data, warmup, steps, max_seconds)
+                                       for _ in range(repeats)])
+            progress(f"{name}: {results[name]['median']:.4g} clips/s")
+        except Exception as e:
+            results[name] = failure(e)
+        report(results, False)
+
     for arch in archs:
         # torch.compile on GPU for R18 only: compiling R50's two pathways and their backward costs minutes
         extra = ([("bf16", True, True)] if arch == "r18" else [("fp32_strict", False, False)]) if gpu else []
         for precision, cl, comp in variants + extra:
-            name = f"{arch}_{precision}" + ("_cl3d" if cl else "") + ("_compile" if comp else "")
-            try:
-                trainer = Trainer(arch, width, precision, cl, comp, device, n)
-                data = endless(build_loader(None, backend="synthetic", num_videos=n, batch_size=batch,
-                                            crop_size=crop, device=device))
-                results[name] = summarize([measure_steps(trainer, data, warmup, steps, max_seconds)
-                                           for _ in range(repeats)])
-                progress(f"{name}: {results[name]['median']:.4g} clips/s")
-            except Exception as e:
-                results[name] = failure(e)
-            trainer = data = None
-            report(results, False)
+            run(f"{arch}_{precision}" + ("_cl3d" if cl else "") + ("_compile" if comp else ""),
+                lambda: Trainer(arch, width, precision, cl, comp, device, n))
     for arch in archs:  # AVA detection's step (vthcl.eval detect), 8 frames, the slow clip alone
         for precision in ("fp32", "bf16") if gpu else ("fp32",):
-            name = f"{arch}_detect_{precision}"
-            try:
-                trainer = DetectionTrainer(arch, width, precision, device)
-                data = endless(build_loader(None, backend="synthetic", num_videos=n, batch_size=batch,
-                                            crop_size=crop, device=device, alpha=1))
-                results[name] = summarize([measure_steps(trainer, data, warmup, steps, max_seconds)
-                                           for _ in range(repeats)])
-                progress(f"{name}: {results[name]['median']:.4g} clips/s")
-            except Exception as e:
-                results[name] = failure(e)
-            trainer = data = None
-            report(results, False)
+            run(f"{arch}_detect_{precision}", lambda: DetectionTrainer(arch, width, precision, device), alpha=1)
     return report(results, True)

@@ -3,8 +3,6 @@ index (loaders/index.py), its writers (make_shards, shard_tools.reindex) and
 the pyav and dali backends over a few hundred one-sample shards."""
 from __future__ import annotations
 
-import builtins
-import contextlib
 import io
 import json
 import os
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 from webdataset import tariterators
 
+from benchmarks.scale import opened_files
 from loaders import build_loader
 from loaders.index import INDEX_DTYPE, MEMBERS, index_rows
 from loaders.members import MemberIndex, MemberReader
@@ -87,27 +86,6 @@ def one_sample_shards(template_shards, tmp_path_factory) -> Path:
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert reindex_main([str(out)]) == 0
     return out
-
-
-@contextlib.contextmanager
-def opened_files():
-    """The paths this process opens in the block (builtins.open / io.open,
-    os.open, and tarfile's own reference to open), absolute."""
-    seen: list[str] = []
-
-    def recording(real):
-        def wrapper(file, *args, **kwargs):
-            if isinstance(file, (str, bytes, os.PathLike)):
-                seen.append(os.path.abspath(os.fsdecode(file)))
-            return real(file, *args, **kwargs)
-        return wrapper
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(builtins, "open", recording(builtins.open))
-        mp.setattr(io, "open", recording(io.open))
-        mp.setattr(os, "open", recording(os.open))
-        mp.setattr(tarfile, "bltn_open", recording(tarfile.bltn_open))
-        yield seen
 
 
 def shard_files(root: Path, part: int) -> set[str]:
