@@ -16,11 +16,15 @@ names a sample's video and time.
 """
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import torch
 
 from loaders.batching import Normalizer
 from loaders.events import EventTable
+from loaders.index import distinct
+from loaders.members import MemberIndex, MemberReader
 from loaders.ranks import rank_array, rank_indices
 from loaders.sampling import SAMPLERS, ClipSampler, ClipSpec, Crop
 from loaders.shards import Shards
@@ -58,6 +62,7 @@ class ClipLoader(EpochState):
         self.num_videos = shards.total if num_videos is None else num_videos
         self.total = len(self.events) if self.events is not None else self.num_videos
         self.stats = LoaderStats()
+        self._members: tuple[np.ndarray, MemberReader] | None = None
 
     @property
     def num_clips(self) -> int:
@@ -90,6 +95,19 @@ class ClipLoader(EpochState):
         if self.events is None:
             return sample, None
         return int(self.events.video[sample]), float(self.events.time[sample])
+
+    def member_reader(self, videos) -> MemberReader:
+        """A byte-range reader over ``videos`` (manifest positions; their index rows only), kept while an
+        epoch asks for the same videos. The last one's rows go before the next one's are read: it is closed
+        and collected first (a DALI pipeline holds its source, and so its reader, in a reference cycle)."""
+        wanted = distinct(videos)
+        if self._members is None or not np.array_equal(self._members[0], wanted):
+            if self._members is not None:
+                self._members[1].close()
+                self._members = None
+                gc.collect()
+            self._members = (wanted, MemberReader(MemberIndex(self.shards, wanted)))
+        return self._members[1]
 
     def shuffled(self, samples):
         """``samples`` (a list, or an array) in this epoch's training order (a

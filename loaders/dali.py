@@ -41,7 +41,6 @@ out (every decodable sample exactly once).
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import tarfile
@@ -53,8 +52,7 @@ import torch
 from loaders.base import ClipLoader, crop_from_params
 from loaders.contract import MEAN, STD
 from loaders.fragments import FRAGMENT_MEMBERS, MEMBER_FORMAT
-from loaders.index import distinct
-from loaders.members import MemberIndex, MemberReader
+from loaders.members import MemberReader
 from loaders.sampling import ClipSampler, ClipSpec, KeyframeClips, sample_rng
 from loaders.shards import Shards
 from loaders.state import Timer
@@ -261,7 +259,6 @@ class DALILoader(ClipLoader):
         self.window_cut = tables if window_cut is None else window_cut
         self.view_cut = view_cut  # evaluation views: a cut per temporal view, or one cut covering them all
         self.excluded: set[int] = set()  # samples DALI could not decode, left out from then on
-        self._reader = None
         self._cuts = 1 if view_cut == "cover" else self.num_clips
         views = [f"_{v}" for v in range(self._views())] if self._views() > 1 else [""]
         self._outputs = ([f"fast{v}" for v in views] + [f"params{v}" for v in views] + [f"frame_ids{v}" for v in views]
@@ -271,18 +268,13 @@ class DALILoader(ClipLoader):
     def _source(self, first_batch: int) -> _Source:
         order = self.shuffled(self.rank_sample_array())
         videos = times = None
-        wanted = distinct(order)
+        wanted = order
         if self.events is not None:
             videos, times = self.events.video, self.events.time
-            wanted = distinct(videos[wanted])
-        if self._reader is None or not np.array_equal(self._reader[0], wanted):  # this epoch's range's rows only
-            if self._reader is not None:  # the last range's rows go before this one's are read: the last
-                self._reader[1].close()   # epoch's pipeline holds its source in a reference cycle
-                self._reader = None
-                gc.collect()
-            self._reader = (wanted, MemberReader(MemberIndex(self.shards, wanted)))
+            wanted = videos[order]
+        reader = self.member_reader(wanted)  # this epoch's range's rows only
         batches = epoch_batches(order, self.batch_size, self.excluded, self.train, self.drop_last)
-        return _Source(batches, first_batch, videos, times, self._reader[1], self.sampler, self.seed, self.epoch,
+        return _Source(batches, first_batch, videos, times, reader, self.sampler, self.seed, self.epoch,
                        self.window_cut, self.view_cut)
 
     # ------------------------------------------------------------------ graph
@@ -392,7 +384,7 @@ class DALILoader(ClipLoader):
             if sample in self.excluded:
                 raise RuntimeError(f"dali loader: sample {sample} failed again after it was left out: {message}")
             self.excluded.add(sample)
-            key = self._reader[1].describe(self.sample_video(sample)[0], sample if self.events is not None else None)
+            key = self._members[1].describe(self.sample_video(sample)[0], sample if self.events is not None else None)
             self.stats.skip(key, reason)
             if self.train:
                 self.stats.substituted += 1

@@ -49,7 +49,7 @@ from webdataset import tariterators
 from loaders.base import ClipLoader
 from loaders.fragments import FRAGMENT_MEMBERS, Fragments
 from loaders.index import VIDEO_EXTS, distinct, index_rows
-from loaders.members import MemberIndex, MemberReader
+from loaders.members import MemberReader
 from loaders.sampling import ClipInfo, ClipSampler, ClipSpec, Crop, sample_rng
 from loaders.shards import Shards
 from loaders.state import Timer
@@ -314,6 +314,16 @@ class ClipMaker:
             yield out
 
 
+def _worker_share() -> tuple[int, int]:
+    """(this DataLoader worker's id, the number of workers): (0, 1) in the main process. A worker decodes on
+    one thread: the workers take the cores between them."""
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        return 0, 1
+    torch.set_num_threads(1)
+    return info.id, info.num_workers
+
+
 class _Clips(torch.utils.data.IterableDataset):
     """This rank's clips of a video dataset for one epoch, split across DataLoader workers."""
 
@@ -323,10 +333,7 @@ class _Clips(torch.utils.data.IterableDataset):
         self.seed, self.epoch, self.rank = seed, epoch, rank
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        if info:
-            torch.set_num_threads(1)
+        wid, nw = _worker_share()
         mine = self.chunks[wid::nw]
         stages = [lambda: iter(mine), _open_ranges, tariterators.tar_file_expander, tariterators.group_by_keys]
         if self.maker.sampler.train and self.shuffle_buffer > 1:
@@ -343,18 +350,15 @@ class _EventClips(torch.utils.data.IterableDataset):
     """This rank's clips of an event dataset for one epoch: events in reading
     order, split across DataLoader workers; each reads its window's bytes."""
 
-    def __init__(self, events: list[int], videos: list[int], times: list[float], reader: MemberReader,
+    def __init__(self, events: np.ndarray, videos: np.ndarray, times: np.ndarray, reader: MemberReader,
                  maker: ClipMaker, skip: int):
         self.events, self.videos, self.times = events, videos, times
         self.reader, self.maker, self.skip = reader, maker, skip
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        if info:
-            torch.set_num_threads(1)
+        wid, nw = _worker_share()
         for i in range(self.skip + wid, len(self.events), nw):
-            yield from self._clips(self.events[i], self.videos[i], self.times[i])
+            yield from self._clips(int(self.events[i]), int(self.videos[i]), float(self.times[i]))
 
     def _clips(self, event: int, video: int, time: float):
         reader, maker = self.reader, self.maker
@@ -394,19 +398,9 @@ class PyAVLoader(ClipLoader):
         self.window_cut = window_cut is not False
         self.pin_memory = (self.device.type == "cuda") if pin_memory is None else pin_memory
         self._index: SampleIndex | None = None  # this epoch's range (ranges rotate across epochs)
-        self._readers: dict = {}
 
     def _maker(self) -> ClipMaker:
         return ClipMaker(self.sampler, self.seed, self.epoch, self.decode_threads, self.window_cut)
-
-    def _reader(self, videos: list[int]) -> MemberReader:
-        """A byte-range reader over the videos of this epoch's events (their index rows only)."""
-        key = distinct(videos)
-        if self._readers.get("key") is None or not np.array_equal(self._readers["key"], key):
-            if self._readers.get("reader") is not None:
-                self._readers["reader"].close()
-            self._readers = {"key": key, "reader": MemberReader(MemberIndex(self.shards, key))}
-        return self._readers["reader"]
 
     def sample_index(self, samples) -> SampleIndex:
         """The byte ranges of this epoch's samples (their index rows only), kept while the range is the same."""
@@ -418,10 +412,9 @@ class PyAVLoader(ClipLoader):
 
     def _dataset(self, skip_samples: int):
         if self.events is not None:
-            order = self.shuffled(self.rank_samples())
-            videos = [int(self.events.video[e]) for e in order]
-            times = [float(self.events.time[e]) for e in order]
-            return _EventClips(order, videos, times, self._reader(videos), self._maker(), skip_samples)
+            order = self.shuffled(self.rank_sample_array())
+            videos, times = self.events.video[order], self.events.time[order]
+            return _EventClips(order, videos, times, self.member_reader(videos), self._maker(), skip_samples)
         samples = self.rank_sample_array()
         chunks = self.sample_index(samples).chunks(samples, self.chunk_size if self.train else max(1, len(samples)))
         if self.train:

@@ -184,11 +184,15 @@ def _merge(out: str) -> dict:
     return manifest
 
 
-def _job(cfg: options.Config) -> int:
-    manifest = merge(cfg.out)
+def report(manifest: dict, out: str) -> int:
+    """A merged dataset's line on stdout (packed, failed, parts) and the exit code it makes."""
     print(f"{manifest['total_samples']} packed, {manifest['failed']} failed, from {manifest['parts']} parts "
-          f"(see {os.path.join(cfg.out, 'failed.jsonl')})")
+          f"(see {os.path.join(out, 'failed.jsonl')})")
     return EXIT_FAILED if manifest["failed"] else EXIT_OK
+
+
+def _job(cfg: options.Config) -> int:
+    return report(merge(cfg.out), cfg.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import logging
 
-from shard_tools.make_shards import EXIT_FAILED, EXIT_OK, summary
+from shard_tools.make_shards import summary
 from vthcl import options
 from vthcl.options import UsageError
 
@@ -110,9 +110,8 @@ def _job(cfg: options.Config) -> int:
     values.pop("quiet", None)
     manifest = pack_with_ray(values.pop("src"), values.pop("out"), values.pop("parts"), values.pop("address", None),
                              values.pop("num_cpus", None), cfg.quiet, **values)
-    print(f"{manifest['total_samples']} packed, {manifest['failed']} failed, from {manifest['parts']} parts "
-          f"(see {os.path.join(cfg.out, 'failed.jsonl')})")
-    return EXIT_FAILED if manifest["failed"] else EXIT_OK
+    from shard_tools.merge_parts import report
+    return report(manifest, cfg.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,7 +188,7 @@ def test_every_rank_reads_its_range_and_opens_no_other_ranks_files(one_sample_sh
                                   **workers)
             got = run_epoch(loader)
         assert sorted(got) == list(range(rank * PER_RANK, (rank + 1) * PER_RANK)), rank
-        held = loader._index.positions if backend == "pyav" else loader._reader[1].index.positions
+        held = loader._index.positions if backend == "pyav" else loader._members[1].index.positions
         assert held.tolist() == sorted(got)  # the rows of its range only
         assert str(one_sample_shards / "index.npy") in opened
         mine = {p for p in shard_files(one_sample_shards, rank) if p.endswith(".tar")}
