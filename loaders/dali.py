@@ -232,8 +232,9 @@ class DALILoader(ClipLoader):
             raise ValueError(f"dali backend: view_cut must be one of {VIEW_CUTS}, not {view_cut!r}")
         device = str(device)
         self.on_gpu = device.startswith("cuda")
+        # (the graph normalises, in crop_mirror_normalize: the batches are finished without it)
         self._setup(shards, spec, sampler, batch_size=batch_size, crop_size=crop_size, train=train,
-                    normalize=normalize, device=device if self.on_gpu else "cpu", rank=rank,
+                    normalize=False, device=device if self.on_gpu else "cpu", rank=rank,
                     world_size=world_size, seed=seed, channels_last=channels_last, drop_last=drop_last)
         first = self.sample_video(int(self.rank_sample_array()[0]))[0]  # (a rank opens its own range's tars only)
         check_decodable(shards, "cuda" if self.on_gpu else "cpu",
@@ -439,22 +440,14 @@ class DALILoader(ClipLoader):
             yield {k: v[s:s + self.batch_size] for k, v in parts.items()}
 
     def _finish(self, batch: dict) -> dict:
-        fast = batch["fast"]
-        slow = batch["slow"] if self.independent_crops else fast[:, :, :: self.spec.alpha].contiguous()
-        if self.channels_last:
-            fast = fast.contiguous(memory_format=torch.channels_last_3d)
-            slow = slow.contiguous(memory_format=torch.channels_last_3d)
+        """A batch of the contract from one view's outputs of the graph (float clips, normalised there)."""
         meta = batch["meta"].cpu()
         self._batches += 1
-        self.stats.batches += 1
-        self.stats.clips += fast.shape[0]
-        out = {"slow": slow, "fast": fast, "label": meta[:, 2], "index": meta[:, 1],
-               "frame_ids": batch["frame_ids"].cpu().long()}
+        fields = {"label": meta[:, 2], "index": meta[:, 1], "frame_ids": batch["frame_ids"].cpu().long()}
         if "view" in batch:
-            out["view"] = batch["view"]
-        out = {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
+            fields["view"] = batch["view"]
+        events = crops = None
         if self.events is not None:
-            crops = [crop_from_params(p) for p in batch["params"].cpu()]
-            out.update(self.event_fields(meta[:, 0].tolist(), crops))
-        return out
+            events, crops = meta[:, 0].tolist(), [crop_from_params(p) for p in batch["params"].cpu()]
+        return self.batch(batch["fast"], batch["slow"] if self.independent_crops else None, fields, events, crops)
 
