@@ -13,8 +13,8 @@ reader in one place; ``shard_tools/make_ffcv.py`` writes it):
     the label (-1: unlabeled) and the video's position in the shards'
     manifest (the memory-bank row).
 
-The video metadata also has an ``epoch`` column, written as 0 (a run-time
-slot kept for files written with it). What a clip takes comes from the
+The video metadata also has an ``epoch`` column, written as 0 and read by
+nothing (kept so that files keep one layout). What a clip takes comes from the
 sampling policy every backend shares (:mod:`loaders.sampling`): before each
 epoch the loader asks its sampler for every sample's view, drawn from
 ``(seed, epoch, index)`` as in the other backends, and writes the plan —
@@ -137,12 +137,12 @@ _resize = Compiler.compile(resize_crop)
 
 
 class _VideoOp(Operation):
-    """What both decoders share: the clip spec, seed and mode (the epoch
-    comes from the metadata at run time)."""
+    """What both decoders share: the clip spec and the crop size (what each
+    clip takes comes from the plan columns of the metadata at run time)."""
 
-    def __init__(self, spec: ClipSpec = ClipSpec(), crop_size: int = 224, train: bool = False, seed: int = 0):
+    def __init__(self, spec: ClipSpec = ClipSpec(), crop_size: int = 224):
         super().__init__()
-        self.spec, self.crop_size, self.train, self.seed = spec, crop_size, train, seed
+        self.spec, self.crop_size = spec, crop_size
 
 
 class FrameIdsDecoder(_VideoOp):
@@ -280,7 +280,7 @@ class FFCVLoader(ClipLoader):
                     channels_last=channels_last, drop_last=drop_last, num_videos=0)
         self.total = int(reader.num_samples)
         self.order = _RankOrder(order, self)
-        args = (spec, crop_size, train, seed)
+        args = (spec, crop_size)
         pipelines = {"fast": PipelineSpec("video", decoder=ClipDecoder(*args)),
                      "frame_ids": PipelineSpec("video", decoder=FrameIdsDecoder(*args)),
                      "label": [IntDecoder()], "index": [IntDecoder()], "video": None}
@@ -313,7 +313,6 @@ class FFCVLoader(ClipLoader):
         if start >= total:
             return
         self.order.skip = start * self.batch_size
-        self.video_meta["epoch"] = self.epoch
         self._plan()
         threads = torch.get_num_threads()
         it = iter(self.loader)

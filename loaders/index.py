@@ -29,6 +29,7 @@ import numpy as np
 
 from loaders.fragments import FRAGMENT_MEMBERS
 from loaders.shards import Shards
+from loaders.system import atomic
 
 INDEX_FILE = "index.npy"
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
@@ -121,24 +122,18 @@ def write_compact_index(path: str, shards: Shards) -> dict:
     file renamed into place) from their ``.idx`` files, one tar at a time;
     returns ``{"rows": n, "fragment_tables": "all" | "none" | "mixed"}``
     (whether the samples carry KEY.frag_bytes and KEY.frag_frames)."""
-    tmp = path + ".tmp"
     header = {"descr": np.lib.format.dtype_to_descr(INDEX_DTYPE), "fortran_order": False, "shape": (shards.total,)}
     rows, tables = 0, set()
-    try:
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, header)
-            for t, (tar, count) in enumerate(zip(shards.tars, shards.counts)):
-                part = idx_rows(shards.idx(tar), t, count)
-                tables.update(bool(x) for x in np.unique(np.all([part[f"{m}_offset"] >= 0 for m in FRAGMENT_MEMBERS],
-                                                                axis=0)))
-                f.write(part.tobytes())
-                rows += len(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for t, (tar, count) in enumerate(zip(shards.tars, shards.counts)):
+            part = idx_rows(shards.idx(tar), t, count)
+            tables.update(bool(x) for x in np.unique(np.all([part[f"{m}_offset"] >= 0 for m in FRAGMENT_MEMBERS],
+                                                            axis=0)))
+            f.write(part.tobytes())
+            rows += len(part)
+        f.flush()
+        os.fsync(f.fileno())
     return {"rows": rows, "fragment_tables": "mixed" if len(tables) == 2 else "all" if True in tables else "none"}
 
 

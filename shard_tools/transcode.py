@@ -691,16 +691,17 @@ def transcode(path: str, settings: EncodeSettings, span: tuple[float, float] | N
             if span is not None:
                 raise BadVideo("--codec copy keeps the stream whole: it cannot pack a span of it")
             data, meta = _copy(container, stream, path)
+            ext = meta["ext"]  # (the source's container decides)
         else:
             data, meta = _encode(_stream_frames(container, stream, span), settings, span)
-            meta["ext"] = MEMBER_EXT[settings.codec]
+            ext = MEMBER_EXT[settings.codec]
     except BadVideo:
         raise
     except av.error.FFmpegError as e:
         raise BadVideo(f"corrupt: {_msg(e)}") from None
     finally:
         container.close()
-    return data, _finish(meta, settings, span, meta["ext"])
+    return data, _finish(meta, settings, span, ext)
 
 
 def _finish(meta: dict, settings: EncodeSettings, span, ext: str) -> dict:
