@@ -32,20 +32,21 @@ def _iou(a, b) -> float:
     return float(iou(np.array([a], dtype=float), np.array([b], dtype=float))[0, 0])
 
 
+def _made(tmp_path_factory, options: dict, train: str, val: str) -> Path:
+    """make_synthetic into a fresh folder: its two annotation files, named as the task's own."""
+    out = tmp_path_factory.mktemp(options["task"])
+    assert make(out, **options) == {"train": str(out / train), "val": str(out / val)}
+    return out
+
+
 @pytest.fixture(scope="module")
 def ava(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ava")
-    paths = make(out, **AVA)
-    assert paths == {"train": str(out / "ava_train_v2.2.csv"), "val": str(out / "ava_val_v2.2.csv")}
-    return out
+    return _made(tmp_path_factory, AVA, "ava_train_v2.2.csv", "ava_val_v2.2.csv")
 
 
 @pytest.fixture(scope="module")
 def epic(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("epic")
-    paths = make(out, **EPIC)
-    assert paths == {"train": str(out / "EPIC_100_train.csv"), "val": str(out / "EPIC_100_validation.csv")}
-    return out
+    return _made(tmp_path_factory, EPIC, "EPIC_100_train.csv", "EPIC_100_validation.csv")
 
 
 # ----------------------------------------------------------------------------- AVA
