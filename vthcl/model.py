@@ -37,6 +37,13 @@ def _bn(c: int) -> nn.BatchNorm3d:
     return nn.BatchNorm3d(c, eps=1e-5, momentum=0.1)
 
 
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:
+    """A block's projection shortcut (1x1x1 conv + BN) where its output differs in shape from its input."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv3d(cin, cout, 1, (1, stride, stride), bias=False), _bn(cout))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -49,9 +56,7 @@ class BasicBlock(nn.Module):
         self.b = nn.Conv3d(width, cout, (1, 3, 3), 1, (0, dilation, dilation), (1, dilation, dilation), bias=False)
         self.b_bn = _bn(cout)
         self.b_bn.final = True
-        self.short = None
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv3d(cin, cout, 1, (1, stride, stride), bias=False), _bn(cout))
+        self.short = _shortcut(cin, cout, stride)
 
     def forward(self, x):
         y = F.relu(self.a_bn(self.a(x)), inplace=True)
@@ -73,9 +78,7 @@ class Bottleneck(nn.Module):
         self.c = nn.Conv3d(width, cout, 1, bias=False)
         self.c_bn = _bn(cout)
         self.c_bn.final = True
-        self.short = None
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv3d(cin, cout, 1, (1, stride, stride), bias=False), _bn(cout))
+        self.short = _shortcut(cin, cout, stride)
 
     def forward(self, x):
         y = F.relu(self.a_bn(self.a(x)), inplace=True)
